@@ -1,0 +1,48 @@
+"""The quantizer math as pure functions: no Flax, no state, jit/grad/vmap-safe.
+
+Everything here is deterministic given its PRNG key and preserves the dtype of its
+tensor outputs; probabilities, logs and entropies are computed in float32. Statistics
+over positions are global under `jax.jit` with sharded inputs, and take an `axis_name`
+for use inside `jax.shard_map`.
+"""
+from rvq_jax.ops.codebook_losses import disentanglement_loss
+from rvq_jax.ops.codebook_losses import ema_codebook_update
+from rvq_jax.ops.codebook_losses import vq_losses
+from rvq_jax.ops.codebook_stats import code_histogram
+from rvq_jax.ops.codebook_stats import codebook_stats
+from rvq_jax.ops.contrastive import pcl_weights
+from rvq_jax.ops.contrastive import probabilistic_contrastive_loss
+from rvq_jax.ops.distances import code_distances
+from rvq_jax.ops.distances import lookup
+from rvq_jax.ops.distances import nearest_code
+from rvq_jax.ops.divergences import entropy_loss
+from rvq_jax.ops.divergences import kl_to_uniform
+from rvq_jax.ops.divergences import per_position_kl_to_uniform
+from rvq_jax.ops.gumbel import gumbel_softmax
+from rvq_jax.ops.masking import masked_select
+from rvq_jax.ops.masking import num_masked
+from rvq_jax.ops.masking import stochastic_mask
+from rvq_jax.ops.straight_through import straight_through
+from rvq_jax.ops.straight_through import straight_through_argmax
+
+__all__ = [
+    "code_distances",
+    "code_histogram",
+    "codebook_stats",
+    "disentanglement_loss",
+    "ema_codebook_update",
+    "entropy_loss",
+    "gumbel_softmax",
+    "kl_to_uniform",
+    "lookup",
+    "masked_select",
+    "nearest_code",
+    "num_masked",
+    "pcl_weights",
+    "per_position_kl_to_uniform",
+    "probabilistic_contrastive_loss",
+    "stochastic_mask",
+    "straight_through",
+    "straight_through_argmax",
+    "vq_losses",
+]

@@ -1,0 +1,100 @@
+"""Codebook-usage regularizers: KL of token distributions to uniform, and entropy terms.
+
+All arithmetic is float32 whatever the input dtype (log and entropy lose too much in
+bfloat16). The statistics over positions are *global*: under `jax.jit` with sharded
+inputs the mean already spans every device; inside `shard_map`/`pmap`, pass the mapped
+`axis_name` and the per-device means are averaged across it (the shards must hold equal
+numbers of positions, as even sharding guarantees).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from rvq_jax.ops import _checks
+
+AxisName = str | Sequence[str] | None
+
+
+def _mean_distribution(probs: jax.Array, axis_name: AxisName) -> jax.Array:
+  probs32 = probs.astype(jnp.float32).reshape(-1, probs.shape[-1])
+  mean = jnp.mean(probs32, axis=0)
+  if axis_name is not None:
+    mean = jax.lax.pmean(mean, axis_name)
+  return mean
+
+
+def _entropy(probs: jax.Array) -> jax.Array:
+  # xlogy gives 0 · log 0 = 0, so unused codes contribute nothing and no NaN appears.
+  return -jnp.sum(jax.scipy.special.xlogy(probs, probs), axis=-1)
+
+
+def kl_to_uniform(probs: jax.Array, *, axis_name: AxisName = None) -> jax.Array:
+  """Reg-VQ's prior regularizer KL(p̄ ‖ uniform) = log K − H(p̄).
+
+  p̄ is the mean token distribution over every position of the global batch; the loss
+  is 0 when codes are used uniformly and log K when all positions pick one code.
+
+  Args:
+    probs: [..., K] token distributions (each row sums to 1).
+    axis_name: mapped axis (or axes) to average p̄ over inside shard_map/pmap.
+
+  Returns:
+    float32 scalar.
+  """
+  _checks.check_min_rank("probs", probs, 1)
+  mean = _mean_distribution(probs, axis_name)
+  return jnp.log(jnp.float32(probs.shape[-1])) - _entropy(mean)
+
+
+def per_position_kl_to_uniform(probs: jax.Array, *, axis_name: AxisName = None) -> jax.Array:
+  """Gumbel-VQ's term: the mean over positions of KL(p_i ‖ uniform) = log K − H(p_i).
+
+  Unlike `kl_to_uniform`, this pushes every single position towards uniform
+  (taming-transformers' GumbelQuantize), not the batch's code usage.
+
+  Args:
+    probs: [..., K] token distributions.
+    axis_name: mapped axis (or axes) to average over inside shard_map/pmap.
+
+  Returns:
+    float32 scalar.
+  """
+  _checks.check_min_rank("probs", probs, 1)
+  probs32 = probs.astype(jnp.float32)
+  per_position = jnp.log(jnp.float32(probs.shape[-1])) - _entropy(probs32)
+  value = jnp.mean(per_position)
+  if axis_name is not None:
+    value = jax.lax.pmean(value, axis_name)
+  return value
+
+
+def entropy_loss(
+    logits: jax.Array,
+    *,
+    temperature: float | jax.Array = 1.0,
+    axis_name: AxisName = None,
+) -> jax.Array:
+  """MaskGIT/FQGAN codebook entropy loss: mean per-position entropy − entropy of the mean.
+
+  Minimizing it makes each position confident (low H(p_i)) while the batch as a whole
+  uses many codes (high H(p̄)). For a distance-based quantizer pass logits = −distances
+  (FQGAN uses temperature 0.01).
+
+  Args:
+    logits: [..., K] affinities.
+    temperature: softmax temperature.
+    axis_name: mapped axis (or axes) for the global statistics inside shard_map/pmap.
+
+  Returns:
+    float32 scalar H_sample − H_avg.
+  """
+  _checks.check_min_rank("logits", logits, 1)
+  probs = jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  sample_entropy = jnp.mean(_entropy(probs))
+  if axis_name is not None:
+    sample_entropy = jax.lax.pmean(sample_entropy, axis_name)
+  average_entropy = _entropy(_mean_distribution(probs, axis_name))
+  return sample_entropy - average_entropy

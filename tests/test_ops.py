@@ -1,0 +1,419 @@
+"""Properties of the pure quantizer ops, each against an independent reference."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+from scipy import stats
+
+from rvq_jax import ops
+
+
+def _np_entropy(p):
+  p = np.asarray(p, np.float64)
+  nz = p[p > 0]
+  return -np.sum(nz * np.log(nz))
+
+
+def _mesh8():
+  return jax.make_mesh((8,), ("data",))
+
+
+def _shard_rows(x, mesh):
+  return jax.device_put(x, NamedSharding(mesh, P("data")))
+
+
+# ---------------------------------------------------------------- nearest code
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 7, 64, 1000])
+def test_nearest_code_equals_brute_force_argmin(chunk_size):
+  z = np.asarray(jax.random.normal(jax.random.key(0), (3, 17, 8)))
+  codebook = np.asarray(jax.random.normal(jax.random.key(1), (100, 8)))
+  brute = np.argmin(((z[..., None, :] - codebook) ** 2).sum(-1), axis=-1)
+  got = ops.nearest_code(jnp.asarray(z), jnp.asarray(codebook), chunk_size=chunk_size)
+  assert got.dtype == jnp.int32 and got.shape == (3, 17)
+  np.testing.assert_array_equal(np.asarray(got), brute)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3, 4])
+def test_nearest_code_ties_go_to_lowest_index(chunk_size):
+  codebook = jnp.array([[5.0, 5.0], [1.0, 0.0], [9.0, 9.0], [1.0, 0.0], [1.0, 0.0]])
+  z = jnp.array([[1.0, 0.1], [0.9, -0.2]])
+  np.testing.assert_array_equal(ops.nearest_code(z, codebook, chunk_size=chunk_size), [1, 1])
+
+
+def test_nearest_code_memory_is_bounded_for_a_huge_codebook():
+  """K = 262144, N = 4096, D = 8: an unchunked search needs 4 GiB of scores; ours < 2 GiB."""
+  z = jax.ShapeDtypeStruct((4096, 8), jnp.float32)
+  codebook = jax.ShapeDtypeStruct((262144, 8), jnp.float32)
+
+  def temp_bytes(fn):
+    return jax.jit(fn).lower(z, codebook).compile().memory_analysis().temp_size_in_bytes
+
+  ours = temp_bytes(ops.nearest_code)
+  unchunked = temp_bytes(functools.partial(ops.nearest_code, chunk_size=262144))
+  assert unchunked >= 4 * 2**30  # The measurement sees the full [N, K] matrix when it exists.
+  assert ours < 2 * 2**30 / 4, f"nearest_code needs {ours / 2**30:.2f} GiB of scratch"
+
+
+def test_code_distances_match_direct_differences_in_bfloat16_inputs():
+  z = jax.random.normal(jax.random.key(2), (4, 6, 16)).astype(jnp.bfloat16)
+  codebook = jax.random.normal(jax.random.key(3), (32, 16)).astype(jnp.bfloat16)
+  got = ops.code_distances(z, codebook)
+  z64 = np.asarray(z, np.float64)
+  c64 = np.asarray(codebook, np.float64)
+  want = ((z64[..., None, :] - c64) ** 2).sum(-1)
+  assert got.shape == (4, 6, 32) and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-3)
+
+
+def test_distance_ops_reject_mismatched_feature_dims_and_ranks():
+  with pytest.raises(ValueError, match="feature dimension 7 .* D=8"):
+    ops.nearest_code(jnp.zeros((2, 7)), jnp.zeros((4, 8)))
+  with pytest.raises(ValueError, match=r"codebook must be \[K, D\]"):
+    ops.code_distances(jnp.zeros((2, 8)), jnp.zeros((2, 4, 8)))
+  with pytest.raises(ValueError, match="chunk_size must be positive"):
+    ops.nearest_code(jnp.zeros((2, 8)), jnp.zeros((4, 8)), chunk_size=0)
+
+
+# ---------------------------------------------------------------- straight-through
+
+
+def test_straight_through_forward_is_hard_and_gradient_is_soft():
+  soft = jnp.array([0.2, 0.5, 0.3])
+  hard = jnp.array([0.0, 1.0, 0.0])
+  weights = jnp.array([1.0, 2.0, 3.0])
+  value = ops.straight_through(hard, soft)
+  np.testing.assert_array_equal(value, hard)
+  grad = jax.grad(lambda s: jnp.sum(weights * ops.straight_through(hard, s)))(soft)
+  np.testing.assert_allclose(grad, weights)
+
+
+def test_straight_through_argmax_gradient_is_the_tempered_softmax_gradient():
+  logits = jax.random.normal(jax.random.key(4), (5, 7))
+  weights = jax.random.normal(jax.random.key(5), (5, 7))
+  tau = 0.7
+  one_hot, indices = ops.straight_through_argmax(logits, tau=tau)
+  np.testing.assert_array_equal(one_hot, jax.nn.one_hot(jnp.argmax(logits, -1), 7))
+  np.testing.assert_array_equal(indices, jnp.argmax(logits, -1))
+  got = jax.grad(lambda l: jnp.sum(weights * ops.straight_through_argmax(l, tau=tau)[0]))(logits)
+  want = jax.grad(lambda l: jnp.sum(weights * jax.nn.softmax(l / tau)))(logits)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- Gumbel
+
+
+def test_hard_gumbel_is_one_hot_with_the_soft_sample_gradient():
+  key = jax.random.key(6)
+  logits = jax.random.normal(jax.random.key(7), (4, 3, 9))
+  weights = jax.random.normal(jax.random.key(8), (4, 3, 9))
+  sample, indices = ops.gumbel_softmax(key, logits, tau=0.5, hard=True)
+  np.testing.assert_array_equal(sample, jax.nn.one_hot(indices, 9))
+  soft, soft_indices = ops.gumbel_softmax(key, logits, tau=0.5, hard=False)
+  np.testing.assert_array_equal(indices, soft_indices)
+  np.testing.assert_array_equal(indices, jnp.argmax(soft, -1))
+  grad_hard = jax.grad(lambda l: jnp.sum(weights * ops.gumbel_softmax(key, l, tau=0.5)[0]))(logits)
+  grad_soft = jax.grad(
+      lambda l: jnp.sum(weights * ops.gumbel_softmax(key, l, tau=0.5, hard=False)[0]))(logits)
+  np.testing.assert_allclose(grad_hard, grad_soft, rtol=1e-5, atol=1e-7)
+  assert float(jnp.max(jnp.abs(grad_hard))) > 0
+
+
+def test_gumbel_samples_follow_softmax_of_logits():
+  logits = jnp.array([1.0, 0.0, -1.0, 2.0, 0.5, -3.0])
+  num_samples = 60_000
+  _, indices = ops.gumbel_softmax(
+      jax.random.key(9), jnp.broadcast_to(logits, (num_samples, 6)))
+  observed = np.bincount(np.asarray(indices), minlength=6)
+  expected = np.asarray(jax.nn.softmax(logits), np.float64) * num_samples
+  chi_square = np.sum((observed - expected) ** 2 / expected)
+  assert chi_square < stats.chi2.ppf(1 - 1e-4, df=5), (observed, expected)
+
+
+def test_gumbel_is_deterministic_given_key_and_preserves_bfloat16():
+  logits = jax.random.normal(jax.random.key(10), (8, 16)).astype(jnp.bfloat16)
+  a, ia = ops.gumbel_softmax(jax.random.key(11), logits)
+  b, ib = ops.gumbel_softmax(jax.random.key(11), logits)
+  assert a.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(ia, ib)
+  np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+# ---------------------------------------------------------------- stochastic mask
+
+
+@pytest.mark.parametrize("length,ratio", [(256, 0.4), (16, 0.5), (5, 0.5), (7, 0.0), (7, 1.0),
+                                          (100, 0.33)])
+def test_stochastic_mask_sets_exactly_round_ratio_length_per_row(length, ratio):
+  mask = ops.stochastic_mask(jax.random.key(12), 32, length, ratio)
+  assert mask.shape == (32, length) and mask.dtype == jnp.bool_
+  expected = math.floor(ratio * length + 0.5)
+  np.testing.assert_array_equal(np.asarray(mask).sum(-1), expected)
+
+
+def test_stochastic_mask_edges_and_traced_ratio():
+  key = jax.random.key(13)
+  assert not np.asarray(ops.stochastic_mask(key, 4, 10, 0.0)).any()
+  assert np.asarray(ops.stochastic_mask(key, 4, 10, 1.0)).all()
+  traced = jax.jit(lambda r: ops.stochastic_mask(key, 4, 10, r))(0.3)
+  np.testing.assert_array_equal(np.asarray(traced).sum(-1), 3)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.5])
+def test_stochastic_mask_rejects_ratios_outside_unit_interval(ratio):
+  with pytest.raises(ValueError, match=r"mask ratio must lie in \[0, 1\]"):
+    ops.stochastic_mask(jax.random.key(0), 2, 8, ratio)
+
+
+def test_stochastic_mask_positions_are_equally_likely():
+  rows, length, ratio = 20_000, 16, 0.25  # 4 of 16 per row.
+  mask = np.asarray(ops.stochastic_mask(jax.random.key(14), rows, length, ratio))
+  counts = mask.sum(0)
+  expected = rows * 4 / length
+  chi_square = np.sum((counts - expected) ** 2 / expected)
+  assert chi_square < stats.chi2.ppf(1 - 1e-4, df=length - 1), counts
+  # Pairs are uniform too (a sampler that picked contiguous blocks would fail here).
+  pair = (mask[:, 0] & mask[:, 1]).mean()
+  want = (4 / 16) * (3 / 15)
+  assert abs(pair - want) < 5 * math.sqrt(want * (1 - want) / rows)
+
+
+def test_masked_select_broadcasts_and_routes_gradients():
+  mask = jnp.array([[True, False, True]])
+  stochastic = jnp.ones((1, 3, 2))
+  deterministic = jnp.zeros((1, 3, 2))
+  np.testing.assert_array_equal(
+      ops.masked_select(mask, stochastic, deterministic)[..., 0], [[1, 0, 1]])
+  grad = jax.grad(lambda s: jnp.sum(ops.masked_select(mask, s, deterministic)))(stochastic)
+  np.testing.assert_array_equal(grad[..., 1], [[1, 0, 1]])
+  with pytest.raises(ValueError, match="prefix"):
+    ops.masked_select(jnp.ones((3,), bool), stochastic, deterministic)
+
+
+# ---------------------------------------------------------------- KL and entropy
+
+
+def test_kl_to_uniform_is_log_k_minus_entropy_of_mean():
+  probs = jax.nn.softmax(jax.random.normal(jax.random.key(15), (4, 5, 12)) * 2)
+  mean = np.asarray(probs, np.float64).reshape(-1, 12).mean(0)
+  want = math.log(12) - _np_entropy(mean)
+  np.testing.assert_allclose(float(ops.kl_to_uniform(probs)), want, rtol=1e-5)
+
+
+def test_kl_to_uniform_extremes_and_bfloat16():
+  k = 16
+  uniform_use = jax.nn.one_hot(jnp.arange(64) % k, k)
+  collapsed = jax.nn.one_hot(jnp.zeros(64, jnp.int32), k)
+  assert abs(float(ops.kl_to_uniform(uniform_use))) < 1e-6
+  np.testing.assert_allclose(float(ops.kl_to_uniform(collapsed)), math.log(k), rtol=1e-6)
+  value = ops.kl_to_uniform(collapsed.astype(jnp.bfloat16))
+  assert value.dtype == jnp.float32
+  np.testing.assert_allclose(float(value), math.log(k), rtol=1e-6)
+
+
+def test_kl_to_uniform_is_global_across_devices():
+  """Each device's positions all pick one code (its own): per-device KL is log K, global is
+  log K − log 8. Both shard_map with axis_name and sharded jit must give the global value."""
+  k, per_device = 16, 4
+  indices = jnp.repeat(jnp.arange(8), per_device)
+  probs = jax.nn.one_hot(indices, k)
+  want = math.log(k) - math.log(8)
+  mesh = _mesh8()
+  mapped = jax.jit(jax.shard_map(
+      lambda p: ops.kl_to_uniform(p, axis_name="data"),
+      mesh=mesh, in_specs=P("data"), out_specs=P()))
+  sharded = _shard_rows(probs, mesh)
+  np.testing.assert_allclose(float(mapped(sharded)), want, rtol=1e-6)
+  np.testing.assert_allclose(float(jax.jit(ops.kl_to_uniform)(sharded)), want, rtol=1e-6)
+  local_only = jax.jit(jax.shard_map(
+      lambda p: ops.kl_to_uniform(p)[None], mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+  np.testing.assert_allclose(np.asarray(local_only(sharded)), math.log(k), rtol=1e-6)
+
+
+def test_per_position_kl_is_mean_of_positionwise_kls():
+  probs = jax.nn.softmax(jax.random.normal(jax.random.key(16), (3, 7, 10)))
+  p = np.asarray(probs, np.float64).reshape(-1, 10)
+  want = np.mean([math.log(10) - _np_entropy(row) for row in p])
+  np.testing.assert_allclose(float(ops.per_position_kl_to_uniform(probs)), want, rtol=1e-5)
+
+
+def test_entropy_loss_matches_formula_and_is_global_under_shard_map():
+  logits = jax.random.normal(jax.random.key(17), (8, 6, 20)) * 3
+  temperature = 0.5
+  p = np.asarray(jax.nn.softmax(logits / temperature), np.float64).reshape(-1, 20)
+  want = np.mean([_np_entropy(row) for row in p]) - _np_entropy(p.mean(0))
+  got = ops.entropy_loss(logits, temperature=temperature)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  mesh = _mesh8()
+  mapped = jax.jit(jax.shard_map(
+      lambda l: ops.entropy_loss(l, temperature=temperature, axis_name="data"),
+      mesh=mesh, in_specs=P("data"), out_specs=P()))
+  np.testing.assert_allclose(float(mapped(_shard_rows(logits, mesh))), want, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- PCL
+
+
+def _np_pcl(feat_x, feat_y, weights, tau, eps, active):
+  """The method.md formula, evaluated directly (float64, explicit sums)."""
+  total = 0.0
+  batch, num_locations, _ = feat_x.shape
+  for b in range(batch):
+    x = feat_x[b] / np.linalg.norm(feat_x[b], axis=-1, keepdims=True)
+    y = feat_y[b] / np.linalg.norm(feat_y[b], axis=-1, keepdims=True)
+    for i in range(num_locations):
+      if not active[b, i]:
+        continue
+      positive = (weights[b, i] + eps) * np.exp(x[i] @ y[i] / tau)
+      negatives = sum(np.exp(x[i] @ y[j] / tau) for j in range(num_locations) if j != i)
+      total += -np.log(positive / (positive + negatives / num_locations))
+  return total / batch
+
+
+def test_pcl_equals_direct_evaluation_of_the_formula():
+  feat_x = np.asarray(jax.random.normal(jax.random.key(18), (2, 6, 5)), np.float64)
+  feat_y = np.asarray(jax.random.normal(jax.random.key(19), (2, 6, 5)), np.float64)
+  raw = np.asarray(jax.random.uniform(jax.random.key(20), (2, 6)), np.float64)
+  raw[0, :2] = 0.0
+  weights = raw / raw.sum(-1, keepdims=True)
+  active = weights > 0
+  for tau, use_active in [(0.07, False), (0.5, True)]:
+    got = ops.probabilistic_contrastive_loss(
+        jnp.asarray(feat_x, jnp.float32), jnp.asarray(feat_y, jnp.float32),
+        jnp.asarray(weights, jnp.float32), tau=tau, eps=1e-3,
+        active=jnp.asarray(active) if use_active else None)
+    want = _np_pcl(feat_x, feat_y, weights, tau, 1e-3,
+                   active if use_active else np.ones_like(active))
+    np.testing.assert_allclose(float(got), want, rtol=2e-4)
+
+
+def test_pcl_gradient_is_finite_with_zero_weights_and_larger_weight_pulls_less():
+  feat_x = jax.random.normal(jax.random.key(21), (1, 8, 4))
+  feat_y = jax.random.normal(jax.random.key(22), (1, 8, 4))
+  weights = jnp.zeros((1, 8)).at[0, 3].set(1.0)
+  grad = jax.grad(lambda y: ops.probabilistic_contrastive_loss(feat_x, y, weights))(feat_y)
+  assert np.isfinite(np.asarray(grad)).all()
+  # The derivative of one anchor's term w.r.t. its positive similarity is −(1 − σ_i):
+  # it shrinks as the weight grows.
+  def positive_pull(weight):
+    w = jnp.full((1, 8), 1e-3).at[0, 0].set(weight)
+    only_first = jnp.zeros((1, 8), bool).at[0, 0].set(True)
+    loss = lambda y: ops.probabilistic_contrastive_loss(feat_x, y, w, active=only_first)
+    return float(jnp.linalg.norm(jax.grad(loss)(feat_y)[0, 0]))
+  assert positive_pull(0.9) < positive_pull(0.01)
+
+
+def test_pcl_weights_are_normalized_squared_perturbations():
+  argmax_codes = jax.random.normal(jax.random.key(23), (2, 4, 4, 3))
+  sampled = argmax_codes.at[0, 1, 2].add(2.0).at[0, 3, 0].add(1.0)
+  weights = ops.pcl_weights(sampled, argmax_codes)
+  assert weights.shape == (2, 4, 4)
+  np.testing.assert_allclose(float(weights[0, 1, 2]), 12 / 15, rtol=1e-6)
+  np.testing.assert_allclose(float(weights[0, 3, 0]), 3 / 15, rtol=1e-6)
+  np.testing.assert_allclose(float(jnp.sum(weights[0])), 1.0, rtol=1e-6)
+  np.testing.assert_array_equal(weights[1], 0.0)  # Nothing perturbed: all zero, not NaN.
+
+
+def test_pcl_rejects_bad_shapes_and_eps():
+  feats = jnp.zeros((2, 4, 3))
+  with pytest.raises(ValueError, match=r"weights must be \[B, S\]"):
+    ops.probabilistic_contrastive_loss(feats, feats, jnp.zeros((2, 5)))
+  with pytest.raises(ValueError, match="eps must be > 0"):
+    ops.probabilistic_contrastive_loss(feats, feats, jnp.zeros((2, 4)), eps=0.0)
+  with pytest.raises(ValueError, match=r"features must be \[B, S, C\]"):
+    ops.probabilistic_contrastive_loss(feats[0], feats[0], jnp.zeros((2, 4)))
+
+
+# ---------------------------------------------------------------- VQ losses, FQ, EMA, stats
+
+
+def test_beta_weights_the_encoder_commitment_term():
+  z = jax.random.normal(jax.random.key(24), (6, 4))
+  z_q = jax.random.normal(jax.random.key(25), (6, 4))
+  beta = 0.25
+
+  def total(z, z_q):
+    codebook_loss, commitment_loss = ops.vq_losses(z, z_q, beta=beta)
+    return codebook_loss + commitment_loss
+
+  grad_z, grad_zq = jax.grad(total, argnums=(0, 1))(z, z_q)
+  n = z.size
+  np.testing.assert_allclose(grad_z, beta * 2 * (z - z_q) / n, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(grad_zq, 2 * (z_q - z) / n, rtol=1e-5, atol=1e-7)
+  codebook_loss, commitment_loss = ops.vq_losses(z, z_q, beta=beta)
+  np.testing.assert_allclose(float(commitment_loss), beta * float(codebook_loss), rtol=1e-6)
+
+
+def test_disentanglement_loss_matches_pairwise_formula():
+  codes = [jax.random.normal(jax.random.key(k), (3, 5, 8)) for k in (26, 27, 28)]
+  unit = [np.asarray(c, np.float64) / np.linalg.norm(np.asarray(c, np.float64), axis=-1,
+                                                      keepdims=True) for c in codes]
+  pairs = [(0, 1), (0, 2), (1, 2)]
+  want = np.mean([np.mean(np.sum(unit[a] * unit[b], -1) ** 2) for a, b in pairs])
+  np.testing.assert_allclose(float(ops.disentanglement_loss(codes)), want, rtol=1e-5)
+  orthogonal = [jnp.array([[1.0, 0.0]]), jnp.array([[0.0, 3.0]])]
+  assert float(ops.disentanglement_loss(orthogonal)) == 0.0
+  with pytest.raises(ValueError, match="at least 2"):
+    ops.disentanglement_loss(codes[:1])
+
+
+def test_ema_update_matches_running_averages():
+  k, d, decay, eps = 5, 3, 0.9, 1e-5
+  cluster_size = np.array([1.0, 2.0, 0.0, 4.0, 1.0])
+  embed_sum = np.arange(k * d, dtype=np.float64).reshape(k, d)
+  z = np.asarray(jax.random.normal(jax.random.key(29), (2, 4, d)), np.float64)
+  indices = np.array([[0, 1, 1, 3], [3, 3, 0, 4]])
+  new_size, new_sum, codebook = ops.ema_codebook_update(
+      jnp.asarray(cluster_size), jnp.asarray(embed_sum), jnp.asarray(z), jnp.asarray(indices),
+      decay=decay, eps=eps)
+  counts = np.bincount(indices.ravel(), minlength=k)
+  sums = np.zeros((k, d))
+  np.add.at(sums, indices.ravel(), z.reshape(-1, d))
+  want_size = decay * cluster_size + (1 - decay) * counts
+  want_sum = decay * embed_sum + (1 - decay) * sums
+  smoothed = (want_size + eps) / (want_size.sum() + k * eps) * want_size.sum()
+  np.testing.assert_allclose(new_size, want_size, rtol=1e-5)
+  np.testing.assert_allclose(new_sum, want_sum, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(codebook, want_sum / smoothed[:, None], rtol=1e-5, atol=1e-6)
+
+
+def test_codebook_stats_match_numpy_and_are_global():
+  indices = jnp.array([0, 0, 1, 3, 3, 3, 7, 7] * 4)
+  result = ops.codebook_stats(indices, 10)
+  counts = np.bincount(np.asarray(indices), minlength=10)
+  np.testing.assert_allclose(float(result["usage"]), 4 / 10)
+  np.testing.assert_allclose(float(result["dead_codes"]), 6)
+  np.testing.assert_allclose(float(result["perplexity"]),
+                             math.exp(_np_entropy(counts / counts.sum())), rtol=1e-5)
+  mesh = _mesh8()
+  mapped = jax.jit(jax.shard_map(
+      lambda i: ops.codebook_stats(i, 10, axis_name="data"),
+      mesh=mesh, in_specs=P("data"), out_specs=P()))
+  for name, value in mapped(_shard_rows(indices, mesh)).items():
+    np.testing.assert_allclose(float(value), float(result[name]), rtol=1e-6, err_msg=name)
+
+
+def test_ops_compose_under_jit_vmap_and_grad():
+  """A Reg-VQ-like forward through the ops, vmapped over an extra leading axis."""
+  codebook = jax.random.normal(jax.random.key(30), (16, 4))
+  logits = jax.random.normal(jax.random.key(31), (3, 2, 8, 16))
+
+  def quantize(logits, key):
+    mask = ops.stochastic_mask(key, logits.shape[0], logits.shape[1], 0.5)
+    sampled, _ = ops.gumbel_softmax(key, logits)
+    argmax, _ = ops.straight_through_argmax(logits)
+    one_hot = ops.masked_select(mask, sampled, argmax)
+    probs = jax.nn.softmax(logits)
+    return jnp.sum((one_hot @ codebook) ** 2) + ops.kl_to_uniform(probs)
+
+  keys = jax.random.split(jax.random.key(32), 3)
+  values = jax.jit(jax.vmap(quantize))(logits, keys)
+  grads = jax.jit(jax.vmap(jax.grad(quantize)))(logits, keys)
+  assert values.shape == (3,) and grads.shape == logits.shape
+  assert np.isfinite(np.asarray(grads)).all()
+  np.testing.assert_allclose(values[1], quantize(logits[1], keys[1]), rtol=1e-5)
