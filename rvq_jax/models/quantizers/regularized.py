@@ -1,0 +1,115 @@
+"""Reg-VQ: a categorical quantizer regularized by a prior KL and a stochastic mask."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rvq_jax import ops
+from rvq_jax.models import partitioning
+from rvq_jax.models.quantizers.logits import TokenLogits
+from rvq_jax.models.quantizers.output import (QuantizerOutput, TemperatureSchedule, build_aux,
+                                              check_input)
+
+
+class RegularizedQuantizer(nnx.Module):
+  """Regularized VQ (Zhang et al., CVPR 2023).
+
+  At every position the model predicts p_i = softmax(ℓ_i/τ) over K codes. In training,
+  exactly round(r·L) positions per sample (chosen uniformly) take a hard Gumbel sample
+  of p_i; the others take the argmax, both straight-through (gradient of the tempered
+  softmax). The codebook learns through the one-hot product, with no VQ codebook or
+  commitment loss. The prior loss is KL(p̄ ‖ uniform) of the mean distribution of the
+  global batch. In evaluation every position takes the argmax.
+
+  Args:
+    num_codes: K.
+    code_dim: D, the width of the quantized output.
+    in_features: width of the input (defaults to D).
+    mask_ratio: r, the fraction of stochastic positions (0.4 in the paper).
+    prior_kl_weight: λ_kl on KL(p̄ ‖ uniform).
+    per_position_kl_weight: weight on mean_i KL(p_i ‖ uniform) (Gumbel-VQ's term; 0 here).
+    logits: 'projection' or 'distance'.
+    temperature: τ schedule (constant 1.0 by default).
+  """
+
+  def __init__(self, num_codes: int, code_dim: int, *, in_features: int | None = None,
+               mask_ratio: float = 0.4, prior_kl_weight: float = 0.1,
+               per_position_kl_weight: float = 0.0, logits: str = "projection",
+               temperature: TemperatureSchedule = TemperatureSchedule(),
+               deterministic: bool = False, rngs: nnx.Rngs):
+    if num_codes <= 0 or code_dim <= 0:
+      raise ValueError(f"num_codes and code_dim must be positive, got {num_codes}, {code_dim}.")
+    if not 0.0 <= mask_ratio <= 1.0:
+      raise ValueError(f"mask_ratio must lie in [0, 1], got {mask_ratio}.")
+    if prior_kl_weight < 0 or per_position_kl_weight < 0:
+      raise ValueError("KL weights must be >= 0.")
+    in_features = code_dim if in_features is None else in_features
+    self.num_codes, self.code_dim, self.in_features = num_codes, code_dim, in_features
+    self.mask_ratio = float(mask_ratio)
+    self.prior_kl_weight, self.per_position_kl_weight = prior_kl_weight, per_position_kl_weight
+    self.temperature = temperature
+    self.deterministic = deterministic
+    # Standard-normal codes, as the nn.Embedding of taming's GumbelQuantize: the decoder
+    # sees unit-scale inputs from the first step.
+    init = jax.random.normal(rngs.params(), (num_codes, code_dim), jnp.float32)
+    self.codebook = partitioning.param(init, "vocab", "code")
+    self.logits = TokenLogits(logits, in_features, num_codes, code_dim, rngs=rngs)
+
+  @property
+  def input_features(self) -> int:
+    return self.in_features
+
+  def decode_indices(self, indices: jax.Array) -> jax.Array:
+    """[B, ...] tokens → [B, ..., D] decoder inputs."""
+    return ops.lookup(indices, self.codebook[...])
+
+  def __call__(self, z: jax.Array, *, key: jax.Array | None = None, step=None,
+               deterministic: bool | None = None) -> QuantizerOutput:
+    """z: [B, ..., C] encoder features → QuantizerOutput with quantized [B, ..., D].
+
+    `key` is required in training when any position is stochastic; `step` drives the
+    temperature schedule.
+    """
+    check_input(type(self).__name__, z, self.in_features)
+    deterministic = self.deterministic if deterministic is None else deterministic
+    codebook = self.codebook[...]
+    logits = self.logits(z, codebook)
+    tau = self.temperature(step)
+    argmax_one_hot, argmax_indices = ops.straight_through_argmax(logits, tau=tau)
+
+    if deterministic or self.mask_ratio == 0.0:
+      one_hot, indices = argmax_one_hot, argmax_indices
+      mask = jnp.zeros(indices.shape, bool)
+    else:
+      if key is None:
+        raise ValueError(
+            f"{type(self).__name__} samples tokens in training: pass key=… (a PRNG key), "
+            "or deterministic=True for evaluation.")
+      mask_key, gumbel_key = jax.random.split(key)
+      batch, length = z.shape[0], math.prod(z.shape[1:-1])
+      if self.mask_ratio == 1.0:
+        mask = jnp.ones(argmax_indices.shape, bool)
+      else:
+        mask = ops.stochastic_mask(mask_key, batch, length, self.mask_ratio).reshape(
+            argmax_indices.shape)
+      sampled_one_hot, sampled_indices = ops.gumbel_softmax(gumbel_key, logits, tau=tau)
+      one_hot = ops.masked_select(mask, sampled_one_hot, argmax_one_hot)
+      indices = jnp.where(mask, sampled_indices, argmax_indices)
+
+    quantized = jnp.einsum("...k,kd->...d", one_hot, codebook.astype(one_hot.dtype))
+    probs = jax.nn.softmax(logits.astype(jnp.float32) / tau, axis=-1)
+    prior_kl = ops.kl_to_uniform(probs)
+    losses = {}
+    if self.prior_kl_weight:
+      losses["prior_kl"] = self.prior_kl_weight * prior_kl
+    if self.per_position_kl_weight:
+      losses["per_position_kl"] = self.per_position_kl_weight * ops.per_position_kl_to_uniform(
+          probs)
+    stats = ops.codebook_stats(indices, self.num_codes)
+    stats.update(temperature=tau, kl_to_uniform=prior_kl,
+                 stochastic_fraction=jnp.mean(mask.astype(jnp.float32)))
+    aux = build_aux(mask, indices, argmax_indices, codebook)
+    return QuantizerOutput(quantized.astype(z.dtype), indices, losses, stats, aux)

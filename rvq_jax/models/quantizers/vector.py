@@ -1,0 +1,105 @@
+"""VQ-VAE / VQGAN nearest-neighbour quantizer (the baseline every comparison needs)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rvq_jax import ops
+from rvq_jax.models import partitioning
+from rvq_jax.models.quantizers.output import QuantizerOutput, build_aux, check_input
+
+
+class EMAState(nnx.Variable):
+  """Codebook statistics updated by moving averages, not by the optimizer."""
+
+
+def _unit(v: jax.Array) -> jax.Array:
+  return v * jax.lax.rsqrt(jnp.maximum(jnp.sum(v * v, axis=-1, keepdims=True), 1e-12))
+
+
+class VectorQuantizer(nnx.Module):
+  """Nearest code with a straight-through gradient.
+
+  Losses: codebook ‖sg(z) − z_q‖² (unless the codebook follows EMA updates) and
+  β · commitment ‖z − sg(z_q)‖² on the encoder side; optionally the MaskGIT entropy loss
+  on −distances. With `normalize=True`, z and codes are unit vectors (cosine nearest
+  neighbour, as FQGAN). Training and evaluation differ only in the EMA update.
+
+  Args:
+    num_codes: K.
+    code_dim: D; the input's last axis must be D.
+    beta: commitment weight (0.25).
+    normalize: L2-normalize z and the codes.
+    use_ema: update the codebook by exponential moving averages (decay `ema_decay`).
+    entropy_weight, entropy_temperature: MaskGIT/FQGAN entropy loss (0 = off).
+  """
+
+  def __init__(self, num_codes: int, code_dim: int, *, beta: float = 0.25,
+               normalize: bool = False, use_ema: bool = False, ema_decay: float = 0.99,
+               entropy_weight: float = 0.0, entropy_temperature: float = 0.01,
+               deterministic: bool = False, rngs: nnx.Rngs):
+    if num_codes <= 0 or code_dim <= 0:
+      raise ValueError(f"num_codes and code_dim must be positive, got {num_codes}, {code_dim}.")
+    if not 0.0 < ema_decay < 1.0:
+      raise ValueError(f"ema_decay must lie in (0, 1), got {ema_decay}.")
+    self.num_codes, self.code_dim = num_codes, code_dim
+    self.beta, self.normalize, self.use_ema, self.ema_decay = beta, normalize, use_ema, ema_decay
+    self.entropy_weight, self.entropy_temperature = entropy_weight, entropy_temperature
+    self.deterministic = deterministic
+    init = jax.random.uniform(rngs.params(), (num_codes, code_dim), jnp.float32,
+                              -1.0 / num_codes, 1.0 / num_codes)
+    if normalize:
+      init = _unit(init)
+    if use_ema:
+      self.codebook = EMAState(init, **partitioning.logical("vocab", "code"))
+      self.cluster_size = EMAState(jnp.zeros((num_codes,), jnp.float32),
+                                   **partitioning.logical("vocab"))
+      self.embed_sum = EMAState(init, **partitioning.logical("vocab", "code"))
+    else:
+      self.codebook = partitioning.param(init, "vocab", "code")
+
+  @property
+  def input_features(self) -> int:
+    return self.code_dim
+
+  def codes(self) -> jax.Array:
+    """[K, D] the codebook as used for lookup (unit rows when normalized)."""
+    codebook = self.codebook[...]
+    return _unit(codebook) if self.normalize else codebook
+
+  def decode_indices(self, indices: jax.Array) -> jax.Array:
+    """[B, ...] tokens → [B, ..., D] decoder inputs."""
+    return ops.lookup(indices, self.codes())
+
+  def __call__(self, z: jax.Array, *, key: jax.Array | None = None, step=None,
+               deterministic: bool | None = None) -> QuantizerOutput:
+    """z: [B, ..., D] → QuantizerOutput (`key` and `step` are unused: VQ is deterministic)."""
+    del key, step
+    check_input("VectorQuantizer", z, self.code_dim)
+    deterministic = self.deterministic if deterministic is None else deterministic
+    compute_z = _unit(z.astype(jnp.float32)) if self.normalize else z.astype(jnp.float32)
+    codes = self.codes().astype(jnp.float32)
+    indices = ops.nearest_code(compute_z, codes)
+    z_q = ops.lookup(indices, codes)
+    codebook_loss, commitment_loss = ops.vq_losses(compute_z, z_q, beta=self.beta)
+    losses = {"commitment": commitment_loss}
+    if not self.use_ema:
+      losses["codebook"] = codebook_loss
+    if self.entropy_weight:
+      distances = ops.code_distances(compute_z, codes)
+      losses["entropy"] = self.entropy_weight * ops.entropy_loss(
+          -distances, temperature=self.entropy_temperature)
+    if self.use_ema and not deterministic:
+      self._ema_update(jax.lax.stop_gradient(compute_z), indices)
+    quantized = ops.straight_through(z_q, compute_z).astype(z.dtype)
+    stats = ops.codebook_stats(indices, self.num_codes)
+    aux = build_aux(jnp.zeros(indices.shape, bool), indices, indices, codes)
+    return QuantizerOutput(quantized, indices, losses, stats, aux)
+
+  def _ema_update(self, z: jax.Array, indices: jax.Array) -> None:
+    cluster_size, embed_sum, codebook = ops.ema_codebook_update(
+        self.cluster_size[...], self.embed_sum[...], z, indices, decay=self.ema_decay)
+    self.cluster_size[...] = cluster_size
+    self.embed_sum[...] = embed_sum
+    self.codebook[...] = _unit(codebook) if self.normalize else codebook
