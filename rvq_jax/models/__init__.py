@@ -1,0 +1,1 @@
+"""Flax NNX modules: tokenizer networks, quantizers, pretrained feature networks."""

@@ -1,0 +1,294 @@
+"""Converts canonical PyTorch weights into the `.npz` files rvq_jax loads.
+
+  python -m rvq_jax.tools.convert_weights --network vgg16_lpips \\
+      --torch-checkpoint vgg16-397923af.pth --lpips-checkpoint vgg.pth \\
+      --output weights/vgg16_lpips.npz
+  python -m rvq_jax.tools.convert_weights --network vgg19 \\
+      --torch-checkpoint vgg19-dcbb9e9d.pth --output weights/vgg19.npz
+
+Inputs (local files only; nothing is downloaded):
+  * torchvision VGG16/VGG19 ImageNet state dicts (`vgg16-397923af.pth`,
+    `vgg19-dcbb9e9d.pth`, as cached by `torchvision.models.vgg16(weights=
+    "IMAGENET1K_V1")` or fetched from https://download.pytorch.org/models/<file>).
+    Their `features.N.weight` [O, I, 3, 3] / `features.N.bias` [O] become
+    `features.N.kernel` [3, 3, I, O] (OIHW → HWIO) / `features.N.bias`; the
+    `classifier.*` entries are not used.
+  * for LPIPS, the lpips package's heads (`lpips/weights/v0.1/vgg.pth` inside the pip
+    package): `linK.model.1.weight` [1, C, 1, 1] become `lins.K.kernel` [1, 1, C, 1].
+
+The output holds exactly the weights of the target Flax module (`LPIPS`, `VGG16` or
+`VGG19`), checked key by key and shape by shape before it is written.
+
+torch is needed only here (`pip install torch`, the CPU build is enough); the library
+never imports it.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Mapping
+
+import numpy as np
+from flax import nnx
+
+from rvq_jax.models import lpips as lpips_lib
+from rvq_jax.models import pretrained
+from rvq_jax.models import vgg
+
+NETWORKS = ("vgg16_lpips", "vgg16", "vgg19")
+
+_FEATURE_KEY = re.compile(r"features\.(\d+)\.(weight|bias)")
+_LPIPS_HEAD_KEY = re.compile(r"lin(\d+)\.model\.([01])\.weight")
+
+
+def _import_torch():
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as error:
+    raise ImportError(
+        "Reading PyTorch checkpoints needs torch, which rvq_jax does not install: "
+        "`pip install torch` (the CPU build is enough). It is needed only for this "
+        "one-off conversion."
+    ) from error
+  return torch
+
+
+def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A PyTorch checkpoint's tensors as float32 NumPy arrays, by state-dict key.
+
+  Reads with `weights_only=True` (no arbitrary pickles). A checkpoint that wraps its
+  state dict under "state_dict" or "model" is unwrapped.
+  """
+  torch = _import_torch()
+  checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+  for wrapper in ("state_dict", "model"):
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(wrapper), Mapping):
+      checkpoint = checkpoint[wrapper]
+  if not isinstance(checkpoint, Mapping):
+    raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict.")
+  arrays = {}
+  for key, tensor in checkpoint.items():
+    if not isinstance(tensor, torch.Tensor):
+      continue
+    tensor = tensor.detach().cpu()
+    if tensor.is_floating_point():
+      # Via float32: NumPy has no bfloat16, and the Flax modules keep float32 weights.
+      tensor = tensor.float()
+    arrays[key] = tensor.numpy()
+  return arrays
+
+
+def _oihw_to_hwio(weight: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(np.transpose(weight, (2, 3, 1, 0)))
+
+
+def _convert_vgg_features(
+    state_dict: Mapping[str, np.ndarray],
+    block_convs: tuple[int, ...],
+    *,
+    source: str,
+    prefix: str = "",
+) -> dict[str, np.ndarray]:
+  """torchvision `features.N.{weight,bias}` → `{prefix}features.N.{kernel,bias}`.
+
+  Every convolution of the architecture must be present, and no other `features.*`
+  entry (a batch-norm VGG, say, is rejected); other top-level keys are ignored.
+  """
+  conv_indices = [
+      index
+      for name, index in vgg.torchvision_layer_indices(block_convs).items()
+      if name.startswith("conv")
+  ]
+  expected = {f"features.{i}.{kind}" for i in conv_indices for kind in ("weight", "bias")}
+  present = {key for key in state_dict if key.startswith("features.")}
+  missing = sorted(expected - present)
+  unexpected = sorted(present - expected)
+  if missing or unexpected:
+    raise ValueError(
+        f"{source} is not a torchvision VGG with {sum(block_convs)} convolutions: "
+        f"missing {missing or 'nothing'}, unexpected {unexpected or 'nothing'}."
+    )
+  converted = {}
+  for key in sorted(expected):
+    index, kind = _FEATURE_KEY.fullmatch(key).groups()
+    value = np.asarray(state_dict[key], np.float32)
+    if kind == "weight":
+      if value.ndim != 4:
+        raise ValueError(f"{source}: {key} should be [O, I, 3, 3], got {value.shape}.")
+      converted[f"{prefix}features.{index}.kernel"] = _oihw_to_hwio(value)
+    else:
+      converted[f"{prefix}features.{index}.bias"] = value
+  return converted
+
+
+def _convert_lpips_heads(
+    state_dict: Mapping[str, np.ndarray], *, source: str
+) -> dict[str, np.ndarray]:
+  """lpips `linK.model.1.weight` [1, C, 1, 1] → `lins.K.kernel` [1, 1, C, 1].
+
+  `linK.model.0.weight` (heads saved without their dropout layer) is accepted too.
+  """
+  heads = {}
+  for key, value in state_dict.items():
+    match = _LPIPS_HEAD_KEY.fullmatch(key)
+    if match:
+      heads.setdefault(int(match.group(1)), []).append((key, value))
+  expected = set(range(len(lpips_lib.LPIPS_CHANNELS)))
+  problems = []
+  if set(heads) != expected:
+    problems.append(
+        f"heads lin0..lin{len(expected) - 1} expected, found "
+        f"{['lin%d' % k for k in sorted(heads)] or 'none'}"
+    )
+  problems += [
+      f"lin{k} appears twice ({', '.join(key for key, _ in found)})"
+      for k, found in sorted(heads.items())
+      if len(found) > 1
+  ]
+  if problems:
+    raise ValueError(
+        f"{source} is not an lpips 'vgg' checkpoint: " + "; ".join(problems) + "."
+    )
+  converted = {}
+  for k in sorted(expected):
+    key, value = heads[k][0]
+    value = np.asarray(value, np.float32)
+    if value.ndim != 4:
+      raise ValueError(f"{source}: {key} should be [1, C, 1, 1], got {value.shape}.")
+    if np.any(value < 0):
+      # The package clamps the heads at 0 while training; negative weights would make
+      # LPIPS able to go below 0, so this is not the file it claims to be.
+      raise ValueError(
+          f"{source}: {key} has negative weights (min {value.min():.3g}); lpips heads "
+          "are non-negative."
+      )
+    converted[f"lins.{k}.kernel"] = _oihw_to_hwio(value)
+  return converted
+
+
+def _target_module(network: str) -> nnx.Module:
+  # Abstract: only the names and shapes are needed to check the converted arrays.
+  build = {
+      "vgg16_lpips": lambda: lpips_lib.LPIPS(rngs=nnx.Rngs(0)),
+      "vgg16": lambda: vgg.VGG16(rngs=nnx.Rngs(0)),
+      "vgg19": lambda: vgg.VGG19(rngs=nnx.Rngs(0)),
+  }[network]
+  return nnx.eval_shape(build)
+
+
+def convert_state_dicts(
+    network: str,
+    torch_state_dict: Mapping[str, np.ndarray],
+    lpips_state_dict: Mapping[str, np.ndarray] | None = None,
+    *,
+    torch_source: str = "the torchvision checkpoint",
+    lpips_source: str = "the lpips checkpoint",
+) -> dict[str, np.ndarray]:
+  """Maps PyTorch state dicts (as NumPy arrays) onto the weights of a Flax module.
+
+  Args:
+    network: one of `NETWORKS`.
+    torch_state_dict: torchvision VGG16 (for "vgg16_lpips", "vgg16") or VGG19 state dict.
+    lpips_state_dict: the lpips heads; required for "vgg16_lpips", refused otherwise.
+    torch_source: name of the torchvision input, for error messages.
+    lpips_source: name of the lpips input, for error messages.
+
+  Returns:
+    Flat name → float32 array, exactly the keys and shapes of the target module.
+
+  Raises:
+    ValueError: unknown network, missing or unexpected entries, wrong shapes.
+  """
+  if network not in NETWORKS:
+    raise ValueError(f"Unknown network {network!r}; choose among {NETWORKS}.")
+  needs_heads = network == "vgg16_lpips"
+  if needs_heads != (lpips_state_dict is not None):
+    raise ValueError(
+        "vgg16_lpips needs the lpips heads checkpoint (--lpips-checkpoint)"
+        if needs_heads
+        else f"{network} takes no lpips heads checkpoint."
+    )
+  if network == "vgg19":
+    arrays = _convert_vgg_features(
+        torch_state_dict, vgg.VGG19_BLOCK_CONVS, source=torch_source
+    )
+  else:
+    arrays = _convert_vgg_features(
+        torch_state_dict,
+        vgg.VGG16_BLOCK_CONVS,
+        source=torch_source,
+        prefix="net." if needs_heads else "",
+    )
+  if needs_heads:
+    arrays.update(_convert_lpips_heads(lpips_state_dict, source=lpips_source))
+  target = _target_module(network)
+  pretrained.check_arrays(
+      pretrained.param_shapes(target),
+      arrays,
+      source=" + ".join([torch_source] + ([lpips_source] if needs_heads else [])),
+      target=type(target).__name__,
+  )
+  return arrays
+
+
+def convert_checkpoint(
+    network: str,
+    torch_checkpoint: str,
+    output: str,
+    lpips_checkpoint: str | None = None,
+) -> dict[str, np.ndarray]:
+  """Reads the PyTorch file(s), converts, checks and writes `output` (.npz) atomically."""
+  torch_state_dict = load_torch_state_dict(torch_checkpoint)
+  lpips_state_dict = (
+      load_torch_state_dict(lpips_checkpoint) if lpips_checkpoint is not None else None
+  )
+  arrays = convert_state_dicts(
+      network,
+      torch_state_dict,
+      lpips_state_dict,
+      torch_source=torch_checkpoint,
+      lpips_source=lpips_checkpoint or "",
+  )
+  pretrained.write_npz(output, arrays)
+  return arrays
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m rvq_jax.tools.convert_weights",
+      description="Convert PyTorch VGG / LPIPS weights into rvq_jax .npz files.",
+  )
+  parser.add_argument("--network", required=True, choices=NETWORKS)
+  parser.add_argument(
+      "--torch-checkpoint",
+      required=True,
+      help="torchvision state dict: vgg16-397923af.pth or vgg19-dcbb9e9d.pth",
+  )
+  parser.add_argument(
+      "--lpips-checkpoint",
+      help="lpips package heads, lpips/weights/v0.1/vgg.pth (vgg16_lpips only)",
+  )
+  parser.add_argument("--output", required=True, help="the .npz file to write")
+  args = parser.parse_args(argv)
+  # Checked before the (large) checkpoints are read.
+  if (args.network == "vgg16_lpips") != (args.lpips_checkpoint is not None):
+    parser.error(
+        "--lpips-checkpoint is required for vgg16_lpips"
+        if args.network == "vgg16_lpips"
+        else f"--lpips-checkpoint does not apply to {args.network}"
+    )
+  try:
+    arrays = convert_checkpoint(
+        args.network, args.torch_checkpoint, args.output, args.lpips_checkpoint
+    )
+  except (ImportError, OSError, ValueError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+  count = sum(array.size for array in arrays.values())
+  print(f"Wrote {args.output}: {len(arrays)} arrays, {count:,} weights ({args.network}).")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
