@@ -1,0 +1,36 @@
+"""rvq_jax.data: image sources → deterministic per-host batches → global jax.Arrays.
+
+    from rvq_jax import data
+
+    config = data.get_default_config()        # source='embedded', 256×256
+    config.image_size, config.batch_size = 64, 16
+    train = data.create_dataset(config, split="train", seed=0)
+    batch = next(train)                       # numpy; 'image' (B/P, 64, 64, 3) in [-1, 1]
+    batch = data.to_global_array(batch, jax.sharding.NamedSharding(mesh, P("data")))
+    state = train.get_state()                 # {'step': 1, ...}: save it with the model
+    train.restore(state)                      # the next batch is what an unbroken run sees
+
+Layers: `sources` (random access to raw uint8 images, label maps, class labels),
+`preprocess` (resize, crop, flip, [-1, 1], randomness from (seed, epoch, index)),
+`iterator` (global per-epoch order, per-host slices, thread-pool decoding,
+resumable state), `factory` (the data config).
+"""
+from rvq_jax.data.factory import (SOURCES, SPLITS, create_dataset, create_source,
+                                  get_default_config, preprocess_config, resolve_config,
+                                  validate_config)
+from rvq_jax.data.iterator import BatchIterator, epoch_permutation, to_global_array
+from rvq_jax.data.preprocess import PreprocessConfig, crop_geometry, preprocess_example
+from rvq_jax.data.sources import (EMBEDDED_EVAL_PHOTOS, EMBEDDED_TRAIN_PHOTOS,
+                                  IMAGE_EXTENSIONS, EmbeddedPhotoSource, FolderSource,
+                                  ImageSource, TfdsSource, decode_image, decode_label_map,
+                                  load_embedded_photo, tfds_prepare_instructions)
+
+__all__ = [
+    "SOURCES", "SPLITS", "create_dataset", "create_source", "get_default_config",
+    "preprocess_config", "resolve_config", "validate_config", "BatchIterator",
+    "epoch_permutation", "to_global_array", "PreprocessConfig", "crop_geometry",
+    "preprocess_example", "EMBEDDED_EVAL_PHOTOS", "EMBEDDED_TRAIN_PHOTOS",
+    "IMAGE_EXTENSIONS", "EmbeddedPhotoSource", "FolderSource", "ImageSource",
+    "TfdsSource", "decode_image", "decode_label_map", "load_embedded_photo",
+    "tfds_prepare_instructions",
+]
