@@ -12,8 +12,10 @@ import math
 import ml_collections
 
 from rvq_jax import parallel
+from rvq_jax.data import factory as data_factory
 
-STAGES = ("tokenizer", "ar", "diffusion")
+# Stages main runs in order. The priors (ar, diffusion) join this list when they exist.
+STAGES = ("tokenizer",)
 QUANTIZER_KINDS = ("vq", "gumbel", "regvq", "fq", "regfq")
 
 
@@ -23,19 +25,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.stages = ("tokenizer",)
 
-  config.data = ml_collections.ConfigDict(dict(
-      source="embedded",     # embedded | folder | tfds
-      name="",               # TFDS builder, e.g. 'celeb_a_hq/256'
-      data_dir="",           # TFDS data_dir ('' = TFDS default)
-      manual_dir="",         # TFDS manual_dir for manual-download datasets
-      path="",               # image folder
-      label_path="",         # parallel folder of label maps (semantic synthesis)
-      train_split="train",
-      eval_split="validation",
-      image_size=256,
-      random_flip=True,
-      num_workers=2,
-  ))
+  # The data layer's fields (see rvq_jax.data.factory); batch sizes live in train/eval.
+  config.data = data_factory.get_default_config()
+  del config.data["batch_size"]
+  del config.data["eval_batch_size"]
 
   # Taming's VQGAN (the face model: ch 128, ch_mult (1,1,2,2,4), attention at 16).
   config.model = ml_collections.ConfigDict(dict(
@@ -128,6 +121,37 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def parse_arg(arg: str | None) -> dict:
+  """The `:variant` part of `--config=configs/x.py:variant`, comma-separated tokens.
+
+  A token is a stage (run only that stage), a quantizer kind (vq, gumbel, regvq, fq,
+  regfq) or `runlocal` (a tiny, fast version of the run to check a set-up), e.g.
+  `configs/celebahq.py:tokenizer,fq,runlocal`.
+  """
+  parsed = {"stages": None, "quantizer": None, "runlocal": False}
+  for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+    if token == "runlocal":
+      parsed["runlocal"] = True
+    elif token in STAGES:
+      parsed["stages"] = (parsed["stages"] or ()) + (token,)
+    elif token in QUANTIZER_KINDS:
+      parsed["quantizer"] = token
+    else:
+      raise ValueError(f"unknown config variant {token!r}: use a stage {STAGES}, a quantizer "
+                       f"{QUANTIZER_KINDS} or 'runlocal', comma-separated.")
+  return parsed
+
+
+def apply_quantizer_kind(config: ml_collections.ConfigDict, kind: str) -> None:
+  """Switches the quantizer with the settings each kind is defined with."""
+  config.quantizer.kind = kind
+  if kind == "fq":
+    # FQGAN: cosine codes of width 8, entropy loss 0.03 on −d/0.01.
+    config.quantizer.update(code_dim=8, normalize=True, entropy_weight=0.03)
+  elif kind == "regfq":
+    config.quantizer.update(code_dim=8)
+
+
 def downsampling_factor(config: ml_collections.ConfigDict) -> int:
   return 2 ** (len(config.model.ch_mult) - 1)
 
@@ -158,8 +182,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"factor {f} of model.ch_mult={tuple(config.model.ch_mult)}")
   check(config.model.ch % 32 == 0, f"model.ch={config.model.ch} must be a multiple of 32 "
         "(GroupNorm with 32 groups)")
-  check(config.data.source in ("embedded", "folder", "tfds"),
-        f"data.source={config.data.source!r}: choose embedded, folder or tfds")
+  try:
+    data_factory.validate_config(config.data)
+  except ValueError as error:
+    problems.append(f"data: {error}")
   check(config.loss.disc_loss in ("hinge", "vanilla"), f"loss.disc_loss={config.loss.disc_loss!r}")
   check(config.train.batch_size > 0 and config.eval.batch_size > 0, "batch sizes must be > 0")
   check(config.train.num_steps >= 0, "train.num_steps must be >= 0")

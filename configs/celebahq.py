@@ -1,0 +1,48 @@
+"""CelebA-HQ 256×256, the paper's tokenizer setup (taming's face VQGAN + Reg-VQ).
+
+  python -m rvq_jax.main --config=configs/celebahq.py --workdir=gs://bucket/run
+  python -m rvq_jax.main --config=configs/celebahq.py:vq --workdir=...           # baseline
+  python -m rvq_jax.main --config=configs/celebahq.py:tokenizer,runlocal --workdir=...
+
+Variants (comma-separated after ':'): a stage name, a quantizer kind
+(vq | gumbel | regvq | fq | regfq), `runlocal` (tiny model and run: checks a set-up).
+Data: TFDS `celeb_a_hq/256` (manual download; see README "Training on CelebA-HQ").
+TFDS has only a 'train' split of 30k images: the last 5k are held out, as taming's
+25k/5k split (not the same files).
+"""
+from rvq_jax import config as config_lib
+
+
+def get_config(arg: str | None = None):
+  variant = config_lib.parse_arg(arg)
+  config = config_lib.base_config()
+  if variant["stages"]:
+    config.stages = variant["stages"]
+
+  config.data.update(source="tfds", name="celeb_a_hq/256", train_split="train[:25000]",
+                     eval_split="train[25000:]", image_size=256, random_flip=True)
+  # Taming's face VQGAN (f = 16, 16×16 tokens) and Reg-VQ's K = 1024, d = 256, r = 0.4.
+  config.model.update(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                      attn_resolutions=(16,), z_channels=256, dropout=0.0)
+  config.quantizer.update(kind="regvq", num_codes=1024, code_dim=256, mask_ratio=0.4)
+  config.loss.update(perceptual_weight=1.0, pcl_weight=0.1, disc_start=30001,
+                     disc_weight=0.8)
+  # Taming scales a base rate of 4.5e-6 by the batch size; Adam(0.5, 0.9).
+  config.train.update(batch_size=32, num_steps=300_000, log_every=100,
+                      checkpoint_every=2000, eval_every=10_000, summary_every=2000)
+  config.optim.update(learning_rate=4.5e-6 * 32, disc_learning_rate=4.5e-6 * 32)
+  config.eval.update(batch_size=32, num_batches=16)
+
+  if variant["quantizer"]:
+    config_lib.apply_quantizer_kind(config, variant["quantizer"])
+  if variant["runlocal"]:
+    config.data.image_size = 64
+    config.model.update(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(),
+                        z_channels=32)
+    config.quantizer.update(num_codes=64, code_dim=min(config.quantizer.code_dim, 32))
+    config.loss.update(perceptual_weight=0.0, pcl_weight=0.0, disc_start=10)
+    config.train.update(batch_size=8, num_steps=20, log_every=5, checkpoint_every=10,
+                        eval_every=10, summary_every=10)
+    config.eval.update(batch_size=8, num_batches=1)
+  config.lock()
+  return config

@@ -1,0 +1,87 @@
+"""The image tokenizer: VQGAN encoder → quantizer → VQGAN decoder, any quantizer kind."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from rvq_jax.models import vqgan
+from rvq_jax.models.factorized_adapter import FactorizedEncoder
+from rvq_jax.models.quantizers import QuantizerOutput, build_quantizer
+
+FACTORIZED_KINDS = ("fq", "regfq")
+
+
+def _dtype(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+class Tokenizer(nnx.Module):
+  """Images [B, H, W, 3] in [-1, 1] ↔ tokens [B, H/f, W/f] (or [..., M] for FQ).
+
+  A 1×1 `quant_conv` maps the encoder output to what the quantizer takes (its code width
+  for VQ; the encoder width for the categorical quantizers, whose projection makes the
+  logits), and `post_quant_conv` maps codes back to the decoder's width, as taming. In FQ
+  mode the encoder has one adapter branch per sub-codebook on a shared trunk, each with
+  its own `quant_conv`; the decoder sees the concatenated sub-codes.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    model, quantizer = config.model, config.quantizer
+    dtype = _dtype(model.dtype)
+    self.factorized = quantizer.kind in FACTORIZED_KINDS
+    self.downsampling_factor = 2 ** (len(model.ch_mult) - 1)
+    architecture = dict(ch=model.ch, ch_mult=tuple(model.ch_mult),
+                        num_res_blocks=model.num_res_blocks,
+                        attn_resolutions=tuple(model.attn_resolutions),
+                        resolution=config.data.image_size, z_channels=model.z_channels,
+                        dropout=model.dropout, dtype=dtype, rngs=rngs)
+    categorical = quantizer.kind in ("gumbel", "regvq", "regfq")
+    quantizer_in = model.z_channels if categorical else quantizer.code_dim
+    self.quantizer = build_quantizer(quantizer, in_features=quantizer_in, rngs=rngs)
+    if self.factorized:
+      self.encoder = FactorizedEncoder(num_branches=quantizer.num_branches,
+                                       adapter_depth=model.adapter_depth,
+                                       adapter_heads=model.adapter_heads, **architecture)
+      self.quant_convs = nnx.List([
+          vqgan.conv(model.z_channels, quantizer_in, 1, dtype=dtype, rngs=rngs)
+          for _ in range(quantizer.num_branches)])
+    else:
+      self.encoder = vqgan.Encoder(**architecture)
+      self.quant_conv = vqgan.conv(model.z_channels, quantizer_in, 1, dtype=dtype, rngs=rngs)
+    self.post_quant_conv = vqgan.conv(self.quantizer.code_dim, model.z_channels, 1,
+                                      dtype=dtype, rngs=rngs)
+    self.decoder = vqgan.Decoder(**architecture)
+
+  def encode(self, images: jax.Array, *, key: jax.Array | None = None, step=None,
+             deterministic: bool | None = None) -> QuantizerOutput:
+    """images [B, H, W, 3] → the quantizer's output on the token grid [B, H/f, W/f]."""
+    if self.factorized:
+      features = [conv(h) for conv, h in zip(self.quant_convs, self.encoder(images))]
+    else:
+      features = self.quant_conv(self.encoder(images))
+    return self.quantizer(features, key=key, step=step, deterministic=deterministic)
+
+  def decode(self, quantized: jax.Array) -> jax.Array:
+    """Codes [B, h, w, D] → images [B, h·f, w·f, 3]."""
+    return self.decoder(self.post_quant_conv(quantized))
+
+  def decode_indices(self, indices: jax.Array) -> jax.Array:
+    """Tokens [B, h, w] (or [B, h, w, M]) → images."""
+    return self.decode(self.quantizer.decode_indices(indices))
+
+  def tokenize(self, images: jax.Array) -> jax.Array:
+    """images → deterministic (argmax) tokens, as the priors see them."""
+    return self.encode(images, deterministic=True).indices
+
+  def __call__(self, images: jax.Array, *, key: jax.Array | None = None, step=None,
+               deterministic: bool | None = None) -> tuple[jax.Array, QuantizerOutput]:
+    """images → (reconstructions [B, H, W, 3], QuantizerOutput)."""
+    output = self.encode(images, key=key, step=step, deterministic=deterministic)
+    return self.decode(output.quantized), output
+
+  @staticmethod
+  def last_layer_path() -> tuple[str, ...]:
+    """Where the decoder's last kernel sits in the model's state (the GAN weight's layer)."""
+    return ("decoder", "conv_out", "kernel")

@@ -1,0 +1,1 @@
+"""Training: one loop for every stage; stages differ in their models and step functions."""

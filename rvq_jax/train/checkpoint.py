@@ -1,0 +1,65 @@
+"""Preemption-safe checkpoints: model/optimizer state, data position and progress together.
+
+A checkpoint is one orbax step directory holding three items: `state` (the stage's whole
+train state as a pure pytree, sharded arrays written by every process), `data` (the
+input iterator's position, JSON) and `progress` (step and bookkeeping, JSON). Saves are
+atomic (orbax writes to a temporary directory and renames), so an interrupted save
+leaves the previous checkpoint as the latest one.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class Checkpointer:
+  """Thin wrapper over `ocp.CheckpointManager` for one stage's directory."""
+
+  def __init__(self, directory: str, *, keep: int = 3, asynchronous: bool = True):
+    self.directory = os.path.abspath(directory) if "://" not in directory else directory
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous,
+        cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory, item_names=("state", "data", "progress"), options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict, progress: dict) -> None:
+    self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            progress=ocp.args.JsonSave(progress)),
+        force=True)
+    logging.info("Checkpoint for step %d started in %s.", step, self.directory)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+    """Restores onto `abstract_state` (ShapeDtypeStructs with shardings), any topology."""
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            progress=ocp.args.JsonRestore()))
+    return restored["state"], restored["data"], restored["progress"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the target shardings: what a restore should produce."""
+  return jax.tree.map(
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      tree, shardings)

@@ -1,0 +1,120 @@
+"""The tokenizer's non-training modes: evaluate, reconstruct images, encode a data set."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from PIL import Image
+
+from rvq_jax import parallel
+from rvq_jax.data import factory as data_factory
+from rvq_jax.data.iterator import BatchIterator
+from rvq_jax.data.sources import FolderSource
+from rvq_jax.train import loop
+from rvq_jax.train import reporting
+from rvq_jax.train.tokenizer_stage import TokenizerStage
+
+
+def _global(batch, mesh):
+  return {name: jax.make_array_from_process_local_data(
+      parallel.batch_sharding(mesh, np.ndim(value)), np.asarray(value))
+      for name, value in batch.items()}
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Held-out metrics of the latest tokenizer checkpoint → `eval_metrics.json`."""
+  stage = TokenizerStage(config)
+  container, constants, mesh, step = loop.load_trained(stage, loop.loop_config_from(config),
+                                                       workdir)
+  eval_step = nnx.jit(stage.eval_step)
+  with jax.set_mesh(mesh):
+    outputs = [jax.device_get(eval_step(container, constants, _global(batch, mesh)))
+               for batch in stage.eval_batches(jax.process_index(), jax.process_count())]
+  totals = {name: np.sum([np.asarray(o[name], np.float64) for o in outputs], axis=0)
+            for name in outputs[0]}
+  metrics = {"step": step, **stage.finalize_eval(totals)}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
+      json.dump(metrics, f, indent=2, sort_keys=True)
+  logging.info("Evaluation of step %d: %s", step, metrics)
+  return metrics
+
+
+def _ordered_iterator(config, source, batch_size: int) -> BatchIterator:
+  """One pass over `source` in order, no augmentation, padded last batch."""
+  data_config = data_factory.validate_config(config.data)
+  return BatchIterator(
+      source, data_factory.preprocess_config(data_config, training=False),
+      global_batch_size=batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count(), shuffle=False, num_epochs=1, drop_remainder=False,
+      num_workers=data_config.num_workers, prefetch_batches=data_config.prefetch_batches)
+
+
+def reconstruct(config: ml_collections.ConfigDict, workdir: str, input_dir: str,
+                output_dir: str) -> int:
+  """Every image under `input_dir` → its reconstruction as PNG in `output_dir`.
+
+  Images are resized (shorter side) and centre-cropped to `data.image_size`, as in
+  evaluation. Returns the number of images written.
+  """
+  stage = TokenizerStage(config)
+  container, _, mesh, _ = loop.load_trained(stage, loop.loop_config_from(config), workdir)
+  source = FolderSource(input_dir)
+  model = stage.eval_model(container)
+
+  @nnx.jit
+  def run(model, images):
+    return model(images, deterministic=True)[0]
+
+  written = 0
+  os.makedirs(output_dir, exist_ok=True)
+  with jax.set_mesh(mesh), _ordered_iterator(config, source, config.eval.batch_size) as it:
+    for batch in it:
+      reconstructions = reporting.to_uint8(jax.device_get(run(model, _global(batch, mesh)["image"])))
+      if jax.process_index() != 0:
+        continue
+      for row, (index, valid) in enumerate(zip(batch["index"], batch["valid"])):
+        if valid:
+          name = os.path.splitext(source.relative_paths[int(index)])[0].replace(os.sep, "_")
+          Image.fromarray(reconstructions[row]).save(os.path.join(output_dir, name + ".png"))
+          written += 1
+  logging.info("Wrote %d reconstructions to %s.", written, output_dir)
+  return written
+
+
+def encode(config: ml_collections.ConfigDict, workdir: str, split: str, output: str) -> str:
+  """The tokens of a whole split (in source order) → `output` (.npz: indices, index)."""
+  stage = TokenizerStage(config)
+  container, _, mesh, step = loop.load_trained(stage, loop.loop_config_from(config), workdir)
+  source = data_factory.create_source(config.data, split=split)
+  model = stage.eval_model(container)
+
+  @nnx.jit
+  def tokenize(model, images):
+    return model.tokenize(images)
+
+  tokens, indices = [], []
+  with jax.set_mesh(mesh), _ordered_iterator(config, source, config.eval.batch_size) as it:
+    for batch in it:
+      global_batch = _global(batch, mesh)
+      batch_tokens = multihost_utils.process_allgather(
+          tokenize(model, global_batch["image"]), tiled=True)
+      valid = multihost_utils.process_allgather(global_batch["valid"],
+                                                                 tiled=True)
+      index = multihost_utils.process_allgather(global_batch["index"],
+                                                                 tiled=True)
+      tokens.append(np.asarray(batch_tokens)[np.asarray(valid)])
+      indices.append(np.asarray(index)[np.asarray(valid)])
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    np.savez(output, indices=np.concatenate(tokens), index=np.concatenate(indices),
+             step=step)
+    logging.info("Encoded %d images of the %s split to %s.", sum(len(t) for t in tokens),
+                 split, output)
+  return output

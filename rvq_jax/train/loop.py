@@ -1,0 +1,301 @@
+"""The one training loop every stage runs.
+
+A stage (tokenizer, AR prior, diffusion prior) supplies its train container (an NNX
+module holding models and optimizers), a step function and its data; this loop owns the
+rest: the mesh, sharded initialization, the jitted step with explicit shardings and a
+donated state, checkpoints and resumption (state, data position, step), preemption,
+NaN stops, evaluation, progress and summaries.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+from typing import Any, Callable, Hashable, Iterator, Mapping, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rvq_jax import parallel
+from rvq_jax.train import checkpoint as checkpoint_lib
+from rvq_jax.train.reporting import Reporter
+
+Batch = Mapping[str, np.ndarray]
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or Inf; the last checkpoint written before it is intact."""
+
+
+class ResumableIterator(Protocol):
+  """Host-local batches, with a position that a checkpoint can hold."""
+
+  def __next__(self) -> Batch: ...
+
+  def get_state(self) -> dict: ...
+
+  def restore(self, state: dict) -> None: ...
+
+
+class Stage(Protocol):
+  """What a stage gives the loop."""
+
+  name: str
+  progress_keys: tuple[str, ...]
+
+  def create(self, rngs: nnx.Rngs) -> nnx.Module:
+    """The train container: models, optimizers, EMA copies (built inside a jit)."""
+
+  def constants(self) -> Any:
+    """Frozen inputs of every step (pretrained networks): passed, never checkpointed."""
+
+  def phase(self, step: int) -> Hashable:
+    """A static value selecting the compiled step variant (e.g. before/after GAN start)."""
+
+  def train_step(self, container: nnx.Module, constants: Any, batch: Batch, key: jax.Array,
+                 step: jax.Array, phase: Hashable) -> dict[str, jax.Array]:
+    """Updates `container` in place; returns scalar metrics including 'loss'."""
+
+  def eval_step(self, container: nnx.Module, constants: Any, batch: Batch) -> dict[str, jax.Array]:
+    """Sums over one held-out batch (with a 'count'); the loop adds them over batches."""
+
+  def finalize_eval(self, totals: dict[str, np.ndarray]) -> dict[str, float]:
+    """Metrics from the summed eval outputs."""
+
+  def summarize(self, container: nnx.Module, constants: Any, batch: Batch,
+                step: int) -> dict[str, np.ndarray]:
+    """uint8 images for TensorBoard/PNG (runs on every process; called rarely)."""
+
+  def train_iterator(self, process_index: int, process_count: int) -> ResumableIterator: ...
+
+  def eval_batches(self, process_index: int, process_count: int) -> Iterator[Batch]: ...
+
+
+@dataclasses.dataclass
+class LoopConfig:
+  """The loop's own settings (config.train plus seed and mesh)."""
+
+  num_steps: int
+  log_every: int = 50
+  checkpoint_every: int = 500
+  eval_every: int = 500
+  summary_every: int = 500
+  keep_checkpoints: int = 3
+  seed: int = 0
+  mesh_shape: tuple[int, ...] = (-1, 1, 1)
+  mesh_axes: tuple[str, ...] = parallel.DEFAULT_MESH_AXES
+  sharding_rules: tuple = parallel.DEFAULT_RULES
+  asynchronous_checkpoints: bool = True
+
+
+class _PreemptionFlag:
+  """Set by SIGTERM/SIGINT (single host) so the loop saves and stops at the next step."""
+
+  def __init__(self):
+    self.requested = threading.Event()
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, lambda *_: self.requested.set())
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _should_stop_for_preemption(flag: _PreemptionFlag, step: int) -> bool:
+  local = flag.requested.is_set()
+  if jax.process_count() == 1:
+    return local
+  # Every process must agree, or one would wait forever in the save collective.
+  return bool(multihost_utils.process_allgather(np.array(local)).any())
+
+
+def _global_batch(batch: Batch, mesh) -> dict[str, jax.Array]:
+  return {name: jax.make_array_from_process_local_data(
+      parallel.batch_sharding(mesh, np.ndim(value)), np.asarray(value))
+      for name, value in batch.items()}
+
+
+def _sum_outputs(batches: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]:
+  if not batches:
+    raise ValueError("the evaluation split produced no batches.")
+  return {name: np.sum([np.asarray(b[name], np.float64) for b in batches], axis=0)
+          for name in batches[0]}
+
+
+def _abstract_state(stage: Stage, config: LoopConfig, mesh):
+  """(graphdef, shardings, abstract state) of the stage's container, without allocating it."""
+  # Called outside `jax.set_mesh`: under a mesh, nnx.eval_shape would read the logical
+  # axis names as mesh axes. The rules map them to the mesh here instead.
+  abstract_container = nnx.eval_shape(lambda: stage.create(nnx.Rngs(config.seed)))
+  graphdef, abstract_state = nnx.split(abstract_container)
+  return graphdef, parallel.state_shardings(abstract_state, mesh, config.sharding_rules), \
+      abstract_state
+
+
+def _restore(checkpointer, step, abstract_state, state_shardings):
+  target = checkpoint_lib.abstract_with_shardings(
+      nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(state_shardings))
+  pure_state, data_state, progress = checkpointer.restore(step, target)
+  nnx.replace_by_pure_dict(abstract_state, pure_state)
+  return abstract_state, data_state, progress
+
+
+def load_trained(stage: Stage, config: LoopConfig, workdir: str):
+  """The stage's container from the latest checkpoint in `workdir`, for inference.
+
+  Returns (container, constants, mesh, step). Raises FileNotFoundError with the command
+  that trains the stage when there is no checkpoint.
+  """
+  mesh = parallel.make_mesh(config.mesh_shape, config.mesh_axes)
+  graphdef, state_shardings, abstract_state = _abstract_state(stage, config, mesh)
+  with jax.set_mesh(mesh):
+    checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                               asynchronous=False)
+    latest = checkpointer.latest_step()
+    if latest is None:
+      raise FileNotFoundError(
+          f"no {stage.name} checkpoint in {os.path.join(workdir, 'checkpoints')}; train the "
+          f"stage first: python -m rvq_jax.main --config=<config> --workdir=<workdir>")
+    state, _, progress = _restore(checkpointer, latest, abstract_state, state_shardings)
+    checkpointer.close()
+    constants = jax.device_put(stage.constants(), NamedSharding(mesh, P()))
+  return nnx.merge(graphdef, state), constants, mesh, int(progress["step"])
+
+
+def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
+  """Trains `stage` to `config.num_steps` in `workdir`, resuming from its latest checkpoint.
+
+  Returns the final evaluation metrics (also written to `workdir/metrics.json`).
+  """
+  os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
+  mesh = parallel.make_mesh(config.mesh_shape, config.mesh_axes)
+  base_key = jax.random.key(config.seed)
+
+  graphdef, state_shardings, abstract_state = _abstract_state(stage, config, mesh)
+  with jax.set_mesh(mesh):
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+        asynchronous=config.asynchronous_checkpoints)
+    iterator = stage.train_iterator(jax.process_index(), jax.process_count())
+    start_step = 0
+    latest = checkpointer.latest_step()
+    if latest is not None:
+      state, data_state, progress = _restore(checkpointer, latest, abstract_state,
+                                             state_shardings)
+      iterator.restore(data_state)
+      start_step = int(progress["step"])
+    else:
+      state = jax.jit(lambda: nnx.state(stage.create(nnx.Rngs(config.seed))),
+                      out_shardings=state_shardings)()
+
+    reporter = Reporter(workdir, stage.name, config.num_steps, start_step)
+    if latest is not None:
+      reporter.log("Resumed from the checkpoint of step %d.", start_step)
+    reporter.log("Mesh %s on %d devices (%d processes).", dict(mesh.shape), jax.device_count(),
+                 jax.process_count())
+
+    compiled_steps: dict[Hashable, Callable] = {}
+
+    def step_fn(phase):
+      if phase not in compiled_steps:
+        def train_step(state, constants, batch, key, step):
+          container = nnx.merge(graphdef, state)
+          metrics = stage.train_step(container, constants, batch, key, step, phase)
+          return nnx.state(container), metrics
+        compiled_steps[phase] = jax.jit(
+            train_step, out_shardings=(state_shardings, None), donate_argnums=0)
+      return compiled_steps[phase]
+
+    constants = jax.device_put(stage.constants(), NamedSharding(mesh, P()))
+
+    @jax.jit
+    def eval_step(state, constants, batch):
+      return stage.eval_step(nnx.merge(graphdef, state), constants, batch)
+
+    def evaluate(state, step):
+      metrics = stage.finalize_eval(_sum_outputs([
+          eval_step(state, constants, _global_batch(batch, mesh))
+          for batch in stage.eval_batches(jax.process_index(), jax.process_count())]))
+      reporter.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+      reporter.log("eval at step %d: %s", step,
+                   " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+      return metrics
+
+    def summarize(state, batch, step):
+      images = stage.summarize(nnx.merge(graphdef, state), constants,
+                               _global_batch(batch, mesh), step)
+      reporter.images(step, images)
+
+    last_saved = start_step if latest is not None else None
+    nonfinite = jnp.zeros((), bool)
+
+    def check_finite(step):
+      if bool(nonfinite):
+        checkpointer.wait()
+        kept = "" if last_saved is None else f" The checkpoint of step {last_saved} is intact."
+        raise NonFiniteLossError(
+            f"{stage.name}: the loss became NaN or Inf at or before step {step}; the run "
+            f"stopped without saving that state.{kept} Lower the learning rate, check the "
+            "data, or resume from the checkpoint with another seed.")
+
+    def save(step):
+      nonlocal last_saved
+      check_finite(step)
+      checkpointer.save(step, nnx.to_pure_dict(state), iterator.get_state(), {"step": step})
+      last_saved = step
+
+    step = start_step
+    with _PreemptionFlag() as preemption:
+      while step < config.num_steps:
+        batch = next(iterator)
+        key = jax.random.fold_in(base_key, step)
+        state, metrics = step_fn(stage.phase(step))(
+            state, constants, _global_batch(batch, mesh), key, jnp.asarray(step, jnp.int32))
+        nonfinite = nonfinite | ~jnp.isfinite(metrics["loss"])
+        step += 1
+        if step % config.log_every == 0 or step == config.num_steps:
+          check_finite(step)
+          reporter.progress(step, {k: float(v) for k, v in metrics.items()}, stage.progress_keys)
+        if config.summary_every and step % config.summary_every == 0:
+          summarize(state, batch, step)
+        if config.eval_every and step % config.eval_every == 0 and step < config.num_steps:
+          evaluate(state, step)
+        if step % config.checkpoint_every == 0 and step < config.num_steps:
+          save(step)
+        if _should_stop_for_preemption(preemption, step):
+          save(step)
+          checkpointer.close()
+          reporter.log("Stopped at step %d on request; the checkpoint is saved.", step)
+          reporter.close()
+          raise SystemExit(143)
+
+      if last_saved != step:
+        save(step)
+      final = evaluate(state, step)
+      summarize(state, batch if step > start_step else next(iterator), step)
+      reporter.write_json("metrics.json", {"step": step, **final})
+      checkpointer.close()
+      reporter.close()
+  return final
+
+
+
+def loop_config_from(config) -> LoopConfig:
+  """The loop's settings from a full run config."""
+  train = config.train
+  return LoopConfig(
+      num_steps=train.num_steps, log_every=train.log_every,
+      checkpoint_every=train.checkpoint_every, eval_every=train.eval_every,
+      summary_every=train.summary_every, keep_checkpoints=train.keep_checkpoints,
+      seed=config.seed, mesh_shape=tuple(config.mesh.shape), mesh_axes=tuple(config.mesh.axes),
+      sharding_rules=tuple(tuple(rule) for rule in config.mesh.rules))

@@ -1,0 +1,299 @@
+"""The tokenizer stage: VQGAN + any quantizer, trained with L1/LPIPS/PCL/GAN losses."""
+from __future__ import annotations
+
+import os
+from typing import Any, Hashable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from rvq_jax import ops
+from rvq_jax.data import factory as data_factory
+from rvq_jax.metrics import image_quality
+from rvq_jax.models import gan_losses
+from rvq_jax.models import lpips as lpips_lib
+from rvq_jax.models import pretrained
+from rvq_jax.models import vgg
+from rvq_jax.models.discriminator import NLayerDiscriminator
+from rvq_jax.models.tokenizer import Tokenizer
+from rvq_jax.train import reporting
+from rvq_jax.train import tokenizer_losses as losses_lib
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, learning_rate: float):
+  """Adam(W) with linear warm-up and global-norm clipping; returns (tx, schedule)."""
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, learning_rate, max(optim.warmup_steps, 1)),
+       optax.constant_schedule(learning_rate)], [optim.warmup_steps]
+  ) if optim.warmup_steps else optax.constant_schedule(learning_rate)
+  adam = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay)
+  chain = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip else []
+  return optax.chain(*chain, adam), schedule
+
+
+class TokenizerTrainState(nnx.Module):
+  """Everything the tokenizer stage checkpoints: G, D, their optimizers, the EMA copy."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    self.model = Tokenizer(config, rngs=rngs)
+    self.discriminator = NLayerDiscriminator(
+        in_channels=3, ndf=config.loss.disc_channels, n_layers=config.loss.disc_layers,
+        rngs=rngs)
+    g_tx, _ = make_optimizer(config.optim, config.optim.learning_rate)
+    d_tx, _ = make_optimizer(config.optim, config.optim.disc_learning_rate)
+    self.g_optimizer = nnx.Optimizer(self.model, g_tx, wrt=nnx.Param)
+    self.d_optimizer = nnx.Optimizer(self.discriminator, d_tx, wrt=nnx.Param)
+    self.ema_model = nnx.clone(self.model) if config.train.ema_decay else None
+
+
+def _optional_weights(configured: str, network: str) -> str | None:
+  """The weight file's path if it can be found, else None (the caller decides if that is ok)."""
+  try:
+    path = pretrained.resolve_weights_path(network, configured or None)
+  except (FileNotFoundError, ValueError):
+    return None
+  return path if os.path.exists(path) else None
+
+
+class FrozenNetworks(nnx.Module):
+  """The pretrained, never-trained networks the losses and metrics use (or None).
+
+  A loss that needs a network fails without its weight file, naming the file and the
+  converter command; evaluation uses LPIPS only when its file is present.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    loss = config.loss
+    self.lpips = None
+    self.vgg19 = None
+    if loss.random_pretrained:
+      self.lpips = lpips_lib.LPIPS(rngs=nnx.Rngs(1)) if loss.perceptual_weight > 0 else None
+      self.vgg19 = vgg.VGG19(rngs=nnx.Rngs(2)) if loss.pcl_weight > 0 else None
+      return
+    lpips_path = _optional_weights(loss.lpips_weights, "vgg16_lpips")
+    if loss.perceptual_weight > 0 or lpips_path:
+      # Without a file this raises the loader's error: the file and the command to make it.
+      self.lpips = lpips_lib.load_lpips(lpips_path or (loss.lpips_weights or None))
+    else:
+      logging.info("No LPIPS weights (config loss.lpips_weights or $RVQ_JAX_WEIGHTS_DIR): "
+                   "evaluation reports no LPIPS.")
+    if loss.pcl_weight > 0:
+      self.vgg19 = vgg.load_vgg19(_optional_weights(loss.vgg19_weights, "vgg19")
+                                  or (loss.vgg19_weights or None))
+
+
+class TokenizerStage:
+  """Implements `rvq_jax.train.loop.Stage` for the tokenizer."""
+
+  name = "tokenizer"
+  progress_keys = ("loss", "l1", "lpips", "pcl", "quantizer", "usage", "perplexity",
+                   "d_loss", "gan_weight")
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.frozen = FrozenNetworks(config)
+    self._frozen_graphdef, self._frozen_state = nnx.split(self.frozen)
+    _, self.lr_schedule = make_optimizer(config.optim, config.optim.learning_rate)
+    self.num_codes = config.quantizer.num_codes
+
+  # ------------------------------------------------------------------ loop protocol
+
+  def create(self, rngs: nnx.Rngs) -> TokenizerTrainState:
+    return TokenizerTrainState(self.config, rngs=rngs)
+
+  def constants(self) -> Any:
+    return self._frozen_state
+
+  def phase(self, step: int) -> Hashable:
+    return step >= self.config.loss.disc_start
+
+  def train_iterator(self, process_index: int, process_count: int):
+    return data_factory.create_dataset(self.config.data, split="train",
+                                       process_index=process_index,
+                                       process_count=process_count, seed=self.config.seed,
+                                       batch_size=self.config.train.batch_size)
+
+  def eval_batches(self, process_index: int, process_count: int):
+    iterator = data_factory.create_dataset(self.config.data, split="eval",
+                                           process_index=process_index,
+                                           process_count=process_count,
+                                           batch_size=self.config.eval.batch_size)
+    with iterator:
+      for batch_index, batch in enumerate(iterator):
+        if batch_index >= self.config.eval.num_batches:
+          break
+        yield {"image": batch["image"], "valid": batch["valid"]}
+
+  # ------------------------------------------------------------------ training
+
+  def _reconstruction_losses(self, frozen, images, reconstructions, quantizer_output, key):
+    loss_config = self.config.loss
+    aux = quantizer_output.aux
+    terms = {"l1": losses_lib.masked_l1(images, reconstructions, aux["deterministic_region"])}
+    total = loss_config.l1_weight * terms["l1"]
+    if loss_config.perceptual_weight > 0:
+      terms["lpips"] = jnp.mean(frozen.lpips(images, reconstructions))
+      total += loss_config.perceptual_weight * terms["lpips"]
+    if loss_config.pcl_weight > 0:
+      layers = vgg.PERCEPTUAL_LAYERS
+      features_x = jax.lax.stop_gradient(frozen.vgg19(images, layers=layers))
+      features_y = frozen.vgg19(reconstructions, layers=layers)
+      terms["pcl"] = losses_lib.pcl_over_layers(
+          key, features_x, features_y, aux["pcl_weights"], ~aux["deterministic_region"],
+          num_locations=loss_config.pcl_num_locations, tau=loss_config.pcl_tau,
+          eps=loss_config.pcl_eps)
+      total += loss_config.pcl_weight * terms["pcl"]
+    terms["quantizer"] = quantizer_output.total_loss
+    total += terms["quantizer"]
+    return total, terms
+
+  def train_step(self, container: TokenizerTrainState, constants, batch, key, step,
+                 use_gan: bool):
+    loss_config = self.config.loss
+    frozen = nnx.merge(self._frozen_graphdef, constants)
+    images = batch["image"]
+    quantizer_key, pcl_key = jax.random.split(key)
+    model_graphdef, params, model_rest = nnx.split(container.model, nnx.Param, ...)
+    disc_graphdef, disc_params, disc_rest = nnx.split(container.discriminator, nnx.Param, ...)
+
+    def forward(params):
+      model = nnx.merge(model_graphdef, params, model_rest)
+      reconstructions, quantizer_output = model(images, key=quantizer_key, step=step,
+                                                deterministic=False)
+      rec_total, terms = self._reconstruction_losses(frozen, images, reconstructions,
+                                                     quantizer_output, pcl_key)
+      if use_gan:
+        discriminator = nnx.merge(disc_graphdef, disc_params, disc_rest)
+        gan = gan_losses.generator_loss(discriminator(reconstructions),
+                                        kind=loss_config.disc_loss)
+      else:
+        gan = jnp.zeros((), jnp.float32)
+      aux = (terms, quantizer_output.stats, quantizer_output.indices, reconstructions,
+             nnx.state(model, nnx.Not(nnx.Param)))
+      return (rec_total, gan), aux
+
+    (rec_total, gan), vjp_fn, aux = jax.vjp(forward, params, has_aux=True)
+    terms, stats, _, reconstructions, new_model_rest = aux
+    one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
+    (rec_grads,) = vjp_fn((one, zero))
+    metrics = {}
+    if use_gan:
+      (gan_grads,) = vjp_fn((zero, one))
+      last_layer = container.model.last_layer_path()
+      gan_weight = losses_lib.adaptive_gan_weight(
+          _at_path(rec_grads, last_layer), _at_path(gan_grads, last_layer),
+          disc_weight=loss_config.disc_weight) * loss_config.disc_factor
+      grads = jax.tree.map(lambda r, g: r + gan_weight * g, rec_grads, gan_grads)
+      metrics.update(gan_weight=gan_weight, g_adversarial=gan)
+    else:
+      grads = rec_grads
+      gan_weight = jnp.zeros((), jnp.float32)
+
+    nnx.update(container.model, new_model_rest)
+    container.g_optimizer.update(container.model, grads)
+    loss = rec_total + gan_weight * gan
+
+    if use_gan:
+      fake = jax.lax.stop_gradient(reconstructions)
+
+      def discriminator_loss(disc_params):
+        discriminator = nnx.merge(disc_graphdef, disc_params, disc_rest)
+        real_logits, fake_logits = discriminator(images), discriminator(fake)
+        d_loss = gan_losses.discriminator_loss(real_logits, fake_logits,
+                                               kind=loss_config.disc_loss)
+        return loss_config.disc_factor * d_loss, (
+            jnp.mean(real_logits), jnp.mean(fake_logits))
+
+      (d_loss, (real_mean, fake_mean)), d_grads = jax.value_and_grad(
+          discriminator_loss, has_aux=True)(disc_params)
+      container.d_optimizer.update(container.discriminator, d_grads)
+      metrics.update(d_loss=d_loss, logits_real=real_mean, logits_fake=fake_mean,
+                     d_grad_norm=optax.global_norm(d_grads))
+
+    if container.ema_model is not None:
+      decay = self.config.train.ema_decay
+      ema_params = nnx.state(container.ema_model, nnx.Param)
+      new_params = nnx.state(container.model, nnx.Param)
+      nnx.update(container.ema_model,
+                 jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_params, new_params))
+      nnx.update(container.ema_model, nnx.state(container.model, nnx.Not(nnx.Param)))
+
+    metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
+                   learning_rate=self.lr_schedule(step), **terms, **stats)
+    return metrics
+
+  # ------------------------------------------------------------------ evaluation
+
+  def eval_model(self, container: TokenizerTrainState):
+    return container.ema_model if container.ema_model is not None else container.model
+
+  def eval_step(self, container: TokenizerTrainState, constants, batch):
+    """Sums over the valid examples of one batch, and the batch's code histogram."""
+    frozen = nnx.merge(self._frozen_graphdef, constants)
+    images, valid = batch["image"], batch["valid"].astype(jnp.float32)
+    reconstructions, quantizer_output = self.eval_model(container)(images, deterministic=True)
+    per_image = {
+        "l1": jnp.mean(jnp.abs(images - reconstructions), axis=(1, 2, 3)),
+        "psnr": image_quality.psnr(reconstructions, images),
+    }
+    if min(images.shape[1:3]) >= 11:
+      per_image["ssim"] = image_quality.ssim(reconstructions, images)
+    if frozen.lpips is not None:
+      per_image["lpips"] = frozen.lpips(images, reconstructions)
+    sums = {name: jnp.sum(value * valid) for name, value in per_image.items()}
+    indices = quantizer_output.indices
+    valid_tokens = jnp.broadcast_to(valid.reshape((-1,) + (1,) * (indices.ndim - 1)),
+                                    indices.shape)
+    sums["count"] = jnp.sum(valid)
+    sums["code_counts"] = self._code_counts(indices, valid_tokens)
+    return sums
+
+  def _code_counts(self, indices, weights):
+    """[M, K] (or [1, K]) histograms of the valid tokens, one per sub-codebook."""
+    if indices.ndim == 4:  # Factorized tokens [B, h, w, M].
+      return jnp.stack([
+          jnp.zeros((self.num_codes,), jnp.float32).at[indices[..., m].reshape(-1)].add(
+              weights[..., m].reshape(-1)) for m in range(indices.shape[-1])])
+    return jnp.zeros((self.num_codes,), jnp.float32).at[indices.reshape(-1)].add(
+        weights.reshape(-1))[None]
+
+  def finalize_eval(self, totals: dict[str, np.ndarray]) -> dict[str, float]:
+    count = max(float(totals.pop("count")), 1.0)
+    code_counts = np.asarray(totals.pop("code_counts"), np.float64)
+    metrics = {name: float(value) / count for name, value in totals.items()}
+    usage, perplexity = [], []
+    for counts in code_counts:
+      probs = counts / max(counts.sum(), 1.0)
+      nonzero = probs[probs > 0]
+      usage.append(float((counts > 0).mean()))
+      perplexity.append(float(np.exp(-(nonzero * np.log(nonzero)).sum())))
+    metrics.update(usage=float(np.mean(usage)), perplexity=float(np.mean(perplexity)),
+                   dead_codes=float(np.mean([(c == 0).sum() for c in code_counts])))
+    return metrics
+
+  def summarize(self, container: TokenizerTrainState, constants, batch, step) -> dict:
+    images = batch["image"][:8]
+    reconstructions, quantizer_output = _reconstruct(self.eval_model(container), images)
+    pair = np.concatenate([np.asarray(images), np.asarray(reconstructions)], axis=0)
+    grid = reporting.image_grid(reporting.to_uint8(pair), columns=len(images))
+    indices = np.asarray(quantizer_output)
+    counts = np.bincount(indices.reshape(-1) if indices.ndim < 4 else indices[..., 0].ravel(),
+                         minlength=self.num_codes)
+    return {"reconstructions": grid, "codebook_usage": reporting.histogram_image(counts)}
+
+
+@nnx.jit
+def _reconstruct(model, images):
+  reconstructions, output = model(images, deterministic=True)
+  return reconstructions, output.indices
+
+
+def _at_path(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree[...] if isinstance(tree, nnx.Variable) else tree
