@@ -40,6 +40,9 @@ def _initialize_distributed() -> None:
 
 def main(argv) -> int:
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    # orbax and XLA log every save at INFO; the job's progress has its own logger.
+    logging.set_verbosity(logging.WARNING)
   from rvq_jax import config as config_lib  # After absl parsed flags (and JAX settings).
   config = _CONFIG.value
   config_lib.validate(config)

@@ -28,16 +28,20 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-  """Fills the single −1 entry with the remaining devices; checks the product."""
+  """Fills the single −1 entry with the remaining devices; checks the product.
+
+  A shape without −1 may use fewer devices than are present (the first ones), which is
+  how a run is pinned to part of a machine; it may not use more.
+  """
   shape = tuple(int(s) for s in shape)
   if shape.count(-1) > 1:
     raise ValueError(f"at most one mesh axis may be -1, got {shape}.")
   known = math.prod(s for s in shape if s != -1)
-  if known <= 0 or num_devices % known:
+  if known <= 0 or (-1 in shape and num_devices % known):
     raise ValueError(f"mesh shape {shape} does not divide {num_devices} devices.")
   resolved = tuple(num_devices // known if s == -1 else s for s in shape)
-  if math.prod(resolved) != num_devices:
-    raise ValueError(f"mesh shape {resolved} uses {math.prod(resolved)} devices, but "
+  if math.prod(resolved) > num_devices:
+    raise ValueError(f"mesh shape {resolved} needs {math.prod(resolved)} devices, but only "
                      f"{num_devices} are present.")
   return resolved
 
@@ -50,6 +54,7 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1),
   if len(shape) != len(axes):
     raise ValueError(f"mesh shape {tuple(shape)} and axes {tuple(axes)} differ in length.")
   resolved = resolve_mesh_shape(shape, len(devices))
+  devices = devices[:math.prod(resolved)]
   return jax.make_mesh(resolved, tuple(axes), axis_types=(AxisType.Auto,) * len(axes),
                        devices=devices)
 

@@ -14,3 +14,12 @@ import jax  # noqa: E402  (must follow the environment set-up above)
 
 # Tests check math, not XLA's optimizations; skipping them roughly halves compile time.
 jax.config.update("jax_disable_most_optimizations", True)
+
+# Tests train the same tiny programs several times (straight vs resumed runs, modes that
+# reload a checkpoint); a compilation cache shared by the session compiles each once.
+import tempfile  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("RVQ_JAX_TEST_COMPILATION_CACHE",
+                                 os.path.join(tempfile.gettempdir(), "rvq_jax_test_xla_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -256,6 +256,18 @@ def test_entropy_loss_matches_formula_and_is_global_under_shard_map():
   np.testing.assert_allclose(float(mapped(_shard_rows(logits, mesh))), want, rtol=1e-5)
 
 
+def test_entropy_terms_have_finite_gradients_when_probabilities_underflow():
+  """A softmax at temperature 0.01 puts exact zeros in p and p̄; gradients must stay finite."""
+  logits = jax.random.normal(jax.random.key(40), (4, 8, 64)) * 10
+  for loss in (lambda l: ops.entropy_loss(l, temperature=0.01),
+               lambda l: ops.kl_to_uniform(jax.nn.softmax(l / 0.01)),
+               lambda l: ops.per_position_kl_to_uniform(jax.nn.softmax(l / 0.01))):
+    probs = jax.nn.softmax(logits / 0.01)
+    assert float(jnp.min(probs)) == 0.0  # The case under test really occurs.
+    grad = jax.grad(loss)(logits)
+    assert np.isfinite(np.asarray(grad)).all()
+
+
 # ---------------------------------------------------------------- PCL
 
 

@@ -27,8 +27,14 @@ def _mean_distribution(probs: jax.Array, axis_name: AxisName) -> jax.Array:
 
 
 def _entropy(probs: jax.Array) -> jax.Array:
-  # xlogy gives 0 · log 0 = 0, so unused codes contribute nothing and no NaN appears.
-  return -jnp.sum(jax.scipy.special.xlogy(probs, probs), axis=-1)
+  """−Σ p log p with 0 log 0 = 0 in value *and* gradient.
+
+  Probabilities that underflow to exactly 0 (sharp softmaxes, unused codes) would give
+  d(p log p)/dp = log p + 1 = −inf, and −inf · 0 = NaN in the chain rule; taking the log
+  of 1 there keeps the derivative finite (0) without changing the value.
+  """
+  safe = jnp.where(probs > 0, probs, 1.0)
+  return -jnp.sum(probs * jnp.log(safe), axis=-1)
 
 
 def kl_to_uniform(probs: jax.Array, *, axis_name: AxisName = None) -> jax.Array:

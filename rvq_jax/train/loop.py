@@ -250,11 +250,14 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
 
     def save(step):
       nonlocal last_saved
+      if last_saved == step:
+        return
       check_finite(step)
       checkpointer.save(step, nnx.to_pure_dict(state), iterator.get_state(), {"step": step})
       last_saved = step
 
     step = start_step
+    train_metrics: dict[str, float] = {}
     with _PreemptionFlag() as preemption:
       while step < config.num_steps:
         batch = next(iterator)
@@ -265,7 +268,8 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
         step += 1
         if step % config.log_every == 0 or step == config.num_steps:
           check_finite(step)
-          reporter.progress(step, {k: float(v) for k, v in metrics.items()}, stage.progress_keys)
+          train_metrics = {k: float(v) for k, v in metrics.items()}
+          reporter.progress(step, train_metrics, stage.progress_keys)
         if config.summary_every and step % config.summary_every == 0:
           summarize(state, batch, step)
         if config.eval_every and step % config.eval_every == 0 and step < config.num_steps:
@@ -275,19 +279,25 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
         if _should_stop_for_preemption(preemption, step):
           save(step)
           checkpointer.close()
+          _close(iterator)
           reporter.log("Stopped at step %d on request; the checkpoint is saved.", step)
           reporter.close()
           raise SystemExit(143)
 
-      if last_saved != step:
-        save(step)
+      save(step)
       final = evaluate(state, step)
       summarize(state, batch if step > start_step else next(iterator), step)
-      reporter.write_json("metrics.json", {"step": step, **final})
+      reporter.write_json("metrics.json", {
+          "step": step, **final, **{f"train/{k}": v for k, v in train_metrics.items()}})
       checkpointer.close()
+      _close(iterator)
       reporter.close()
   return final
 
+
+def _close(iterator) -> None:
+  if hasattr(iterator, "close"):
+    iterator.close()
 
 
 def loop_config_from(config) -> LoopConfig:

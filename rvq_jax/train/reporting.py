@@ -11,9 +11,11 @@ import os
 import time
 from typing import Mapping
 
+import logging
+import sys
+
 import jax
 import numpy as np
-from absl import logging
 from clu import metric_writers
 from PIL import Image
 
@@ -57,6 +59,22 @@ def histogram_image(counts: np.ndarray, height: int = 128, max_width: int = 1024
   return image
 
 
+def progress_logger() -> logging.Logger:
+  """The 'rvq_jax' logger: progress lines on stdout, independent of absl's verbosity.
+
+  Libraries underneath (orbax, XLA) log a lot at INFO through absl; main turns absl down
+  to warnings, and this logger keeps the job's own progress visible.
+  """
+  logger = logging.getLogger("rvq_jax")
+  if not logger.handlers:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+  return logger
+
+
 class Reporter:
   """Console progress, TensorBoard events and PNG files for one stage."""
 
@@ -74,7 +92,7 @@ class Reporter:
     return f"[{self.stage} p{jax.process_index()}/{jax.process_count()}]"
 
   def log(self, message: str, *args) -> None:
-    logging.info("%s " + message, self._prefix(), *args)
+    progress_logger().info("%s " + message, self._prefix(), *args)
 
   def progress(self, step: int, metrics: Mapping[str, float], keys: tuple[str, ...]) -> None:
     """One line: step, it/s, ETA and the key losses; scalars also go to TensorBoard."""

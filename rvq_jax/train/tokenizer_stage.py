@@ -48,7 +48,7 @@ class TokenizerTrainState(nnx.Module):
     d_tx, _ = make_optimizer(config.optim, config.optim.disc_learning_rate)
     self.g_optimizer = nnx.Optimizer(self.model, g_tx, wrt=nnx.Param)
     self.d_optimizer = nnx.Optimizer(self.discriminator, d_tx, wrt=nnx.Param)
-    self.ema_model = nnx.clone(self.model) if config.train.ema_decay else None
+    self.ema_model = nnx.data(nnx.clone(self.model) if config.train.ema_decay else None)
 
 
 def _optional_weights(configured: str, network: str) -> str | None:
@@ -69,22 +69,23 @@ class FrozenNetworks(nnx.Module):
 
   def __init__(self, config: ml_collections.ConfigDict):
     loss = config.loss
-    self.lpips = None
-    self.vgg19 = None
+    lpips, vgg19 = None, None
     if loss.random_pretrained:
-      self.lpips = lpips_lib.LPIPS(rngs=nnx.Rngs(1)) if loss.perceptual_weight > 0 else None
-      self.vgg19 = vgg.VGG19(rngs=nnx.Rngs(2)) if loss.pcl_weight > 0 else None
-      return
-    lpips_path = _optional_weights(loss.lpips_weights, "vgg16_lpips")
-    if loss.perceptual_weight > 0 or lpips_path:
-      # Without a file this raises the loader's error: the file and the command to make it.
-      self.lpips = lpips_lib.load_lpips(lpips_path or (loss.lpips_weights or None))
+      lpips = lpips_lib.LPIPS(rngs=nnx.Rngs(1)) if loss.perceptual_weight > 0 else None
+      vgg19 = vgg.VGG19(rngs=nnx.Rngs(2)) if loss.pcl_weight > 0 else None
     else:
-      logging.info("No LPIPS weights (config loss.lpips_weights or $RVQ_JAX_WEIGHTS_DIR): "
-                   "evaluation reports no LPIPS.")
-    if loss.pcl_weight > 0:
-      self.vgg19 = vgg.load_vgg19(_optional_weights(loss.vgg19_weights, "vgg19")
-                                  or (loss.vgg19_weights or None))
+      lpips_path = _optional_weights(loss.lpips_weights, "vgg16_lpips")
+      if loss.perceptual_weight > 0 or lpips_path:
+        # Without a file this raises the loader's error: the file and the command to make it.
+        lpips = lpips_lib.load_lpips(lpips_path or (loss.lpips_weights or None))
+      else:
+        logging.info("No LPIPS weights (config loss.lpips_weights or $RVQ_JAX_WEIGHTS_DIR): "
+                     "evaluation reports no LPIPS.")
+      if loss.pcl_weight > 0:
+        vgg19 = vgg.load_vgg19(_optional_weights(loss.vgg19_weights, "vgg19")
+                               or (loss.vgg19_weights or None))
+    self.lpips = nnx.data(lpips)
+    self.vgg19 = nnx.data(vgg19)
 
 
 class TokenizerStage:
@@ -149,6 +150,7 @@ class TokenizerStage:
           eps=loss_config.pcl_eps)
       total += loss_config.pcl_weight * terms["pcl"]
     terms["quantizer"] = quantizer_output.total_loss
+    terms.update({f"quantizer/{name}": value for name, value in quantizer_output.losses.items()})
     total += terms["quantizer"]
     return total, terms
 
