@@ -35,12 +35,16 @@ def get_config(arg: str | None = None):
 
   if variant["quantizer"]:
     config_lib.apply_quantizer_kind(config, variant["quantizer"])
+  if config.quantizer.kind in ("fq", "regfq"):
+    # FQGAN's semantic branch on the second sub-codebook; VGG16 stands in for CLIP.
+    config.loss.update(representation_weight=0.5, teacher="vgg16", representation_branch=1)
   if variant["runlocal"]:
     config.data.image_size = 64
     config.model.update(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(),
                         z_channels=32)
     config.quantizer.update(num_codes=64, code_dim=min(config.quantizer.code_dim, 32))
-    config.loss.update(perceptual_weight=0.0, pcl_weight=0.0, disc_start=10)
+    config.loss.update(perceptual_weight=0.0, pcl_weight=0.0, representation_weight=0.0,
+                       disc_start=10)
     config.train.update(batch_size=8, num_steps=20, log_every=5, checkpoint_every=10,
                         eval_every=10, summary_every=10)
     config.eval.update(batch_size=8, num_batches=1)

@@ -40,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
       dropout=0.0,
       adapter_depth=6,       # FQ: ViT blocks per sub-codebook branch
       adapter_heads=8,
+      representation_head_width=512,  # FQ: head predicting the teacher feature
+      representation_head_blocks=3,
+      representation_head_heads=8,
       dtype="float32",       # compute dtype; parameters stay float32
   ))
 
@@ -79,6 +82,14 @@ def base_config() -> ml_collections.ConfigDict:
       pcl_eps=1e-6,
       vgg19_weights="",      # '' = $RVQ_JAX_WEIGHTS_DIR/vgg19.npz
       random_pretrained=False,  # tests only: random VGG/LPIPS weights instead of files
+      # FQ representation alignment: a head on one sub-code predicts a frozen teacher's
+      # global feature (in-batch InfoNCE). FQGAN: CLIP/DINOv2 teachers, weight 0.5.
+      representation_weight=0.0,
+      representation_temperature=1.0,
+      representation_branch=1,
+      teacher="vgg16",       # vgg16 | vgg19 (stand-ins: any Flax module + weight file fits)
+      teacher_weights="",    # '' = $RVQ_JAX_WEIGHTS_DIR/<teacher>.npz
+      teacher_resolution=224,
       disc_start=30001,
       disc_weight=0.8,
       disc_factor=1.0,
@@ -187,6 +198,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   except ValueError as error:
     problems.append(f"data: {error}")
   check(config.loss.disc_loss in ("hinge", "vanilla"), f"loss.disc_loss={config.loss.disc_loss!r}")
+  if config.loss.representation_weight > 0:
+    check(q.kind in ("fq", "regfq"), "loss.representation_weight > 0 needs a factorized "
+          f"quantizer (fq or regfq), not {q.kind!r}")
+    check(0 <= config.loss.representation_branch < q.num_branches,
+          f"loss.representation_branch={config.loss.representation_branch} must index one of "
+          f"the {q.num_branches} sub-codebooks")
+    check(config.loss.teacher in ("vgg16", "vgg19"), f"loss.teacher={config.loss.teacher!r}")
   check(config.train.batch_size > 0 and config.eval.batch_size > 0, "batch sizes must be > 0")
   check(config.train.num_steps >= 0, "train.num_steps must be >= 0")
   for name in ("log_every", "checkpoint_every"):

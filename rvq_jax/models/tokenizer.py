@@ -9,6 +9,10 @@ from flax import nnx
 from rvq_jax.models import vqgan
 from rvq_jax.models.factorized_adapter import FactorizedEncoder
 from rvq_jax.models.quantizers import QuantizerOutput, build_quantizer
+from rvq_jax.models.representation import FeaturePredictionHead
+
+# Global feature width of the teachers rvq_jax ships (VGG relu5 pooled).
+TEACHER_FEATURE_DIM = 512
 
 FACTORIZED_KINDS = ("fq", "regfq")
 
@@ -53,6 +57,13 @@ class Tokenizer(nnx.Module):
     self.post_quant_conv = vqgan.conv(self.quantizer.code_dim, model.z_channels, 1,
                                       dtype=dtype, rngs=rngs)
     self.decoder = vqgan.Decoder(**architecture)
+    # FQGAN's representation head: trained with the tokenizer, used only by its loss.
+    representation = self.factorized and config.loss.representation_weight > 0
+    self.representation_head = nnx.data(FeaturePredictionHead(
+        quantizer.code_dim, model.representation_head_width,
+        num_blocks=model.representation_head_blocks, num_heads=model.representation_head_heads,
+        grid_size=config.data.image_size // self.downsampling_factor,
+        target_dim=TEACHER_FEATURE_DIM, dtype=dtype, rngs=rngs) if representation else None)
 
   def encode(self, images: jax.Array, *, key: jax.Array | None = None, step=None,
              deterministic: bool | None = None) -> QuantizerOutput:
@@ -70,6 +81,11 @@ class Tokenizer(nnx.Module):
   def decode_indices(self, indices: jax.Array) -> jax.Array:
     """Tokens [B, h, w] (or [B, h, w, M]) → images."""
     return self.decode(self.quantizer.decode_indices(indices))
+
+  def subcode(self, quantized: jax.Array, branch: int) -> jax.Array:
+    """The quantized sub-code of FQ branch `branch`: [B, h, w, ΣD] → [B, h, w, D]."""
+    width = self.quantizer.code_dim // self.quantizer.num_branches
+    return quantized[..., branch * width:(branch + 1) * width]
 
   def tokenize(self, images: jax.Array) -> jax.Array:
     """images → deterministic (argmax) tokens, as the priors see them."""

@@ -19,6 +19,7 @@ from rvq_jax.ops.divergences import entropy_loss
 from rvq_jax.ops.divergences import kl_to_uniform
 from rvq_jax.ops.divergences import per_position_kl_to_uniform
 from rvq_jax.ops.gumbel import gumbel_softmax
+from rvq_jax.ops.info_nce import info_nce
 from rvq_jax.ops.masking import masked_select
 from rvq_jax.ops.masking import num_masked
 from rvq_jax.ops.masking import stochastic_mask
@@ -33,6 +34,7 @@ __all__ = [
     "ema_codebook_update",
     "entropy_loss",
     "gumbel_softmax",
+    "info_nce",
     "kl_to_uniform",
     "lookup",
     "masked_select",

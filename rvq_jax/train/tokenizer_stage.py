@@ -18,6 +18,7 @@ from rvq_jax.metrics import image_quality
 from rvq_jax.models import gan_losses
 from rvq_jax.models import lpips as lpips_lib
 from rvq_jax.models import pretrained
+from rvq_jax.models import representation
 from rvq_jax.models import vgg
 from rvq_jax.models.discriminator import NLayerDiscriminator
 from rvq_jax.models.tokenizer import Tokenizer
@@ -84,8 +85,18 @@ class FrozenNetworks(nnx.Module):
       if loss.pcl_weight > 0:
         vgg19 = vgg.load_vgg19(_optional_weights(loss.vgg19_weights, "vgg19")
                                or (loss.vgg19_weights or None))
+    teacher = None
+    if loss.representation_weight > 0:
+      if loss.random_pretrained:
+        teacher = representation.build_teacher(loss.teacher,
+                                               resolution=loss.teacher_resolution,
+                                               rngs=nnx.Rngs(3))
+      else:
+        teacher = representation.load_teacher(loss.teacher, loss.teacher_weights or None,
+                                              resolution=loss.teacher_resolution)
     self.lpips = nnx.data(lpips)
     self.vgg19 = nnx.data(vgg19)
+    self.teacher = nnx.data(teacher)
 
 
 class TokenizerStage:
@@ -132,7 +143,8 @@ class TokenizerStage:
 
   # ------------------------------------------------------------------ training
 
-  def _reconstruction_losses(self, frozen, images, reconstructions, quantizer_output, key):
+  def _reconstruction_losses(self, model, frozen, images, reconstructions, quantizer_output,
+                             key):
     loss_config = self.config.loss
     aux = quantizer_output.aux
     terms = {"l1": losses_lib.masked_l1(images, reconstructions, aux["deterministic_region"])}
@@ -149,6 +161,13 @@ class TokenizerStage:
           num_locations=loss_config.pcl_num_locations, tau=loss_config.pcl_tau,
           eps=loss_config.pcl_eps)
       total += loss_config.pcl_weight * terms["pcl"]
+    if loss_config.representation_weight > 0:
+      subcode = model.subcode(quantizer_output.quantized, loss_config.representation_branch)
+      terms["representation"], alignment = representation.representation_loss(
+          model.representation_head, frozen.teacher, images, subcode,
+          temperature=loss_config.representation_temperature)
+      terms["representation_cosine"] = alignment["representation_cosine"]
+      total += loss_config.representation_weight * terms["representation"]
     terms["quantizer"] = quantizer_output.total_loss
     terms.update({f"quantizer/{name}": value for name, value in quantizer_output.losses.items()})
     total += terms["quantizer"]
@@ -167,7 +186,7 @@ class TokenizerStage:
       model = nnx.merge(model_graphdef, params, model_rest)
       reconstructions, quantizer_output = model(images, key=quantizer_key, step=step,
                                                 deterministic=False)
-      rec_total, terms = self._reconstruction_losses(frozen, images, reconstructions,
+      rec_total, terms = self._reconstruction_losses(model, frozen, images, reconstructions,
                                                      quantizer_output, pcl_key)
       if use_gan:
         discriminator = nnx.merge(disc_graphdef, disc_params, disc_rest)
@@ -280,10 +299,11 @@ class TokenizerStage:
 
   def summarize(self, container: TokenizerTrainState, constants, batch, step) -> dict:
     images = batch["image"][:8]
-    reconstructions, quantizer_output = _reconstruct(self.eval_model(container), images)
+    reconstructions, indices = _reconstruct(self.eval_model(container), images)
     pair = np.concatenate([np.asarray(images), np.asarray(reconstructions)], axis=0)
     grid = reporting.image_grid(reporting.to_uint8(pair), columns=len(images))
-    indices = np.asarray(quantizer_output)
+    indices = np.asarray(indices)
+    # Factorized tokens [B, h, w, M]: the histogram of the first sub-codebook.
     counts = np.bincount(indices.reshape(-1) if indices.ndim < 4 else indices[..., 0].ravel(),
                          minlength=self.num_codes)
     return {"reconstructions": grid, "codebook_usage": reporting.histogram_image(counts)}
