@@ -12,19 +12,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from rvq_jax import parallel
 from rvq_jax.data import factory as data_factory
 from rvq_jax.data.iterator import BatchIterator
 from rvq_jax.data.sources import FolderSource
 from rvq_jax.train import loop
 from rvq_jax.train import reporting
 from rvq_jax.train.tokenizer_stage import TokenizerStage
-
-
-def _global(batch, mesh):
-  return {name: jax.make_array_from_process_local_data(
-      parallel.batch_sharding(mesh, np.ndim(value)), np.asarray(value))
-      for name, value in batch.items()}
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -34,11 +27,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
                                                        workdir)
   eval_step = nnx.jit(stage.eval_step)
   with jax.set_mesh(mesh):
-    outputs = [jax.device_get(eval_step(container, constants, _global(batch, mesh)))
-               for batch in stage.eval_batches(jax.process_index(), jax.process_count())]
-  totals = {name: np.sum([np.asarray(o[name], np.float64) for o in outputs], axis=0)
-            for name in outputs[0]}
-  metrics = {"step": step, **stage.finalize_eval(totals)}
+    metrics = {"step": step, **loop.evaluate_batches(
+        stage, lambda batch: eval_step(container, constants, batch), mesh)}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
       json.dump(metrics, f, indent=2, sort_keys=True)
@@ -76,7 +66,7 @@ def reconstruct(config: ml_collections.ConfigDict, workdir: str, input_dir: str,
   os.makedirs(output_dir, exist_ok=True)
   with jax.set_mesh(mesh), _ordered_iterator(config, source, config.eval.batch_size) as it:
     for batch in it:
-      reconstructions = reporting.to_uint8(jax.device_get(run(model, _global(batch, mesh)["image"])))
+      reconstructions = reporting.to_uint8(jax.device_get(run(model, loop.global_batch(batch, mesh)["image"])))
       if jax.process_index() != 0:
         continue
       for row, (index, valid) in enumerate(zip(batch["index"], batch["valid"])):
@@ -102,7 +92,7 @@ def encode(config: ml_collections.ConfigDict, workdir: str, split: str, output: 
   tokens, indices = [], []
   with jax.set_mesh(mesh), _ordered_iterator(config, source, config.eval.batch_size) as it:
     for batch in it:
-      global_batch = _global(batch, mesh)
+      global_batch = loop.global_batch(batch, mesh)
       batch_tokens = multihost_utils.process_allgather(
           tokenize(model, global_batch["image"]), tiled=True)
       valid = multihost_utils.process_allgather(global_batch["valid"],

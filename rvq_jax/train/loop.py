@@ -9,6 +9,7 @@ NaN stops, evaluation, progress and summaries.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import threading
@@ -22,6 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rvq_jax import parallel
+from rvq_jax.data.iterator import to_global_array
 from rvq_jax.train import checkpoint as checkpoint_lib
 from rvq_jax.train.reporting import Reporter
 
@@ -119,17 +121,20 @@ def _should_stop_for_preemption(flag: _PreemptionFlag, step: int) -> bool:
   return bool(multihost_utils.process_allgather(np.array(local)).any())
 
 
-def _global_batch(batch: Batch, mesh) -> dict[str, jax.Array]:
-  return {name: jax.make_array_from_process_local_data(
-      parallel.batch_sharding(mesh, np.ndim(value)), np.asarray(value))
-      for name, value in batch.items()}
+def global_batch(batch: Batch, mesh) -> dict[str, jax.Array]:
+  """Host-local rows → global arrays split over the mesh's batch axes."""
+  return to_global_array(dict(batch), parallel.batch_sharding(mesh))
 
 
-def _sum_outputs(batches: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]:
-  if not batches:
-    raise ValueError("the evaluation split produced no batches.")
-  return {name: np.sum([np.asarray(b[name], np.float64) for b in batches], axis=0)
-          for name in batches[0]}
+def evaluate_batches(stage: Stage, eval_batch: Callable[[Batch], dict], mesh) -> dict:
+  """Runs `eval_batch` over the stage's held-out batches, sums, and finalizes."""
+  outputs = [jax.device_get(eval_batch(global_batch(batch, mesh)))
+             for batch in stage.eval_batches(jax.process_index(), jax.process_count())]
+  if not outputs:
+    raise ValueError(f"{stage.name}: the evaluation split produced no batches.")
+  totals = {name: np.sum([np.asarray(o[name], np.float64) for o in outputs], axis=0)
+            for name in outputs[0]}
+  return stage.finalize_eval(totals)
 
 
 def _abstract_state(stage: Stage, config: LoopConfig, mesh):
@@ -223,9 +228,7 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
       return stage.eval_step(nnx.merge(graphdef, state), constants, batch)
 
     def evaluate(state, step):
-      metrics = stage.finalize_eval(_sum_outputs([
-          eval_step(state, constants, _global_batch(batch, mesh))
-          for batch in stage.eval_batches(jax.process_index(), jax.process_count())]))
+      metrics = evaluate_batches(stage, functools.partial(eval_step, state, constants), mesh)
       reporter.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
       reporter.log("eval at step %d: %s", step,
                    " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
@@ -233,7 +236,7 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
 
     def summarize(state, batch, step):
       images = stage.summarize(nnx.merge(graphdef, state), constants,
-                               _global_batch(batch, mesh), step)
+                               global_batch(batch, mesh), step)
       reporter.images(step, images)
 
     last_saved = start_step if latest is not None else None
@@ -263,7 +266,7 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
         batch = next(iterator)
         key = jax.random.fold_in(base_key, step)
         state, metrics = step_fn(stage.phase(step))(
-            state, constants, _global_batch(batch, mesh), key, jnp.asarray(step, jnp.int32))
+            state, constants, global_batch(batch, mesh), key, jnp.asarray(step, jnp.int32))
         nonfinite = nonfinite | ~jnp.isfinite(metrics["loss"])
         step += 1
         if step % config.log_every == 0 or step == config.num_steps:
