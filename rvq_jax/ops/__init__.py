@@ -5,6 +5,7 @@ tensor outputs; probabilities, logs and entropies are computed in float32. Stati
 over positions are global under `jax.jit` with sharded inputs, and take an `axis_name`
 for use inside `jax.shard_map`.
 """
+from rvq_jax.ops import distances
 from rvq_jax.ops.codebook_losses import disentanglement_loss
 from rvq_jax.ops.codebook_losses import ema_codebook_update
 from rvq_jax.ops.codebook_losses import vq_losses
@@ -23,10 +24,14 @@ from rvq_jax.ops.info_nce import info_nce
 from rvq_jax.ops.masking import masked_select
 from rvq_jax.ops.masking import num_masked
 from rvq_jax.ops.masking import stochastic_mask
+from rvq_jax.ops.reductions import argmax_last
+from rvq_jax.ops.straight_through import one_hot_lookup
 from rvq_jax.ops.straight_through import straight_through
 from rvq_jax.ops.straight_through import straight_through_argmax
 
 __all__ = [
+    "argmax_last",
+    "one_hot_lookup",
     "code_distances",
     "code_histogram",
     "codebook_stats",

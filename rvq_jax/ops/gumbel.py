@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from rvq_jax.ops import _checks
+from rvq_jax.ops.reductions import argmax_last
 from rvq_jax.ops.straight_through import straight_through
 
 
@@ -34,7 +35,7 @@ def gumbel_softmax(
   logits32 = logits.astype(jnp.float32)
   noise = jax.random.gumbel(key, logits.shape, jnp.float32)
   perturbed = logits32 + noise
-  indices = jnp.argmax(perturbed, axis=-1).astype(jnp.int32)
+  indices = argmax_last(perturbed)
   soft = jax.nn.softmax(perturbed / tau, axis=-1)
   if not hard:
     return soft.astype(logits.dtype), indices
