@@ -12,7 +12,6 @@ import optax
 from absl import logging
 from flax import nnx
 
-from rvq_jax import ops
 from rvq_jax.data import factory as data_factory
 from rvq_jax.metrics import image_quality
 from rvq_jax.models import gan_losses
