@@ -193,12 +193,12 @@ class TokenizerStage:
                                         kind=loss_config.disc_loss)
       else:
         gan = jnp.zeros((), jnp.float32)
-      aux = (terms, quantizer_output.stats, quantizer_output.indices, reconstructions,
+      aux = (terms, quantizer_output.stats, reconstructions,
              nnx.state(model, nnx.Not(nnx.Param)))
       return (rec_total, gan), aux
 
     (rec_total, gan), vjp_fn, aux = jax.vjp(forward, params, has_aux=True)
-    terms, stats, _, reconstructions, new_model_rest = aux
+    terms, stats, reconstructions, new_model_rest = aux
     one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
     (rec_grads,) = vjp_fn((one, zero))
     metrics = {}
