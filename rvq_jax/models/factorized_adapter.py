@@ -23,89 +23,13 @@ from flax import nnx
 
 from rvq_jax.models import partitioning
 from rvq_jax.models import vqgan
+# The blocks live in `transformer` (shared with the priors); re-exported here.
+from rvq_jax.models.transformer import LAYER_NORM_EPSILON  # noqa: F401
+from rvq_jax.models.transformer import Mlp  # noqa: F401
+from rvq_jax.models.transformer import SelfAttention  # noqa: F401
+from rvq_jax.models.transformer import TransformerBlock
+from rvq_jax.models.transformer import layer_norm
 from rvq_jax.models.vqgan import Dtype
-
-# PyTorch nn.LayerNorm's default, which FQGAN's (OpenCLIP-style) ViT blocks use.
-LAYER_NORM_EPSILON = 1e-5
-
-
-def layer_norm(width: int, *, dtype: Dtype, param_dtype: Dtype,
-               rngs: nnx.Rngs) -> nnx.LayerNorm:
-  """LayerNorm over the last axis with annotated scale and bias."""
-  return nnx.LayerNorm(
-      width, epsilon=LAYER_NORM_EPSILON, dtype=dtype, param_dtype=param_dtype,
-      use_fast_variance=False, rngs=rngs,
-      scale_metadata=partitioning.logical(*vqgan.NORM_AXES),
-      bias_metadata=partitioning.logical(*vqgan.NORM_AXES))
-
-
-class SelfAttention(nnx.Module):
-  """Multi-head self-attention (no mask): [B, L, C] → [B, L, C].
-
-  q/k/v kernels are [C, heads, head_dim] and the output kernel [heads, head_dim, C], so
-  a mesh rule for 'heads' shards attention by head (tensor parallelism).
-  """
-
-  def __init__(self, width: int, num_heads: int, *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-    if width % num_heads:
-      raise ValueError(f"width {width} is not divisible by num_heads {num_heads}.")
-    self.num_heads = num_heads
-    self.head_dim = width // num_heads
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    in_kw = dict(kernel_metadata=partitioning.logical("embed", "heads", "kv"),
-                 bias_metadata=partitioning.logical("heads", "kv"), **kw)
-    heads_shape = (num_heads, self.head_dim)
-    self.query = nnx.LinearGeneral(width, heads_shape, **in_kw)
-    self.key = nnx.LinearGeneral(width, heads_shape, **in_kw)
-    self.value = nnx.LinearGeneral(width, heads_shape, **in_kw)
-    self.out = nnx.LinearGeneral(
-        heads_shape, width, axis=(-2, -1),
-        kernel_metadata=partitioning.logical("heads", "kv", "embed"),
-        bias_metadata=partitioning.logical("embed"), **kw)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, L, C] → [B, L, C]."""
-    q, k, v = self.query(x), self.key(x), self.value(x)  # [B, L, heads, head_dim]
-    # Softmax in float32 whatever the compute dtype (see vqgan.AttnBlock).
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits * self.head_dim**-0.5, axis=-1).astype(v.dtype)
-    return self.out(jnp.einsum("bhqk,bkhd->bqhd", weights, v))
-
-
-class Mlp(nnx.Module):
-  """Linear(C → ratio·C) → GELU (exact, as PyTorch's nn.GELU) → Linear(ratio·C → C)."""
-
-  def __init__(self, width: int, hidden: int, *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.fc = nnx.Linear(width, hidden, kernel_metadata=partitioning.logical("embed", "mlp"),
-                         bias_metadata=partitioning.logical("mlp"), **kw)
-    self.proj = nnx.Linear(hidden, width,
-                           kernel_metadata=partitioning.logical("mlp", "embed"),
-                           bias_metadata=partitioning.logical("embed"), **kw)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [..., C] → [..., C]."""
-    return self.proj(jax.nn.gelu(self.fc(x), approximate=False))
-
-
-class TransformerBlock(nnx.Module):
-  """Pre-LN ViT block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
-
-  def __init__(self, width: int, num_heads: int, *, mlp_ratio: int = 4,
-               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.ln_1 = layer_norm(width, **kw)
-    self.attn = SelfAttention(width, num_heads, **kw)
-    self.ln_2 = layer_norm(width, **kw)
-    self.mlp = Mlp(width, mlp_ratio * width, **kw)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, L, C] → [B, L, C]."""
-    x = x + self.attn(self.ln_1(x))
-    return x + self.mlp(self.ln_2(x))
 
 
 class FactorizedAdapter(nnx.Module):
