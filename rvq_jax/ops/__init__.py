@@ -5,6 +5,7 @@ tensor outputs; probabilities, logs and entropies are computed in float32. Stati
 over positions are global under `jax.jit` with sharded inputs, and take an `axis_name`
 for use inside `jax.shard_map`.
 """
+from rvq_jax.ops import diffusion
 from rvq_jax.ops import distances
 from rvq_jax.ops.codebook_losses import disentanglement_loss
 from rvq_jax.ops.codebook_losses import ema_codebook_update
@@ -13,6 +14,16 @@ from rvq_jax.ops.codebook_stats import code_histogram
 from rvq_jax.ops.codebook_stats import codebook_stats
 from rvq_jax.ops.contrastive import pcl_weights
 from rvq_jax.ops.contrastive import probabilistic_contrastive_loss
+from rvq_jax.ops.diffusion import DiffusionSchedule
+from rvq_jax.ops.diffusion import log_q_posterior
+from rvq_jax.ops.diffusion import log_q_xt_given_x0
+from rvq_jax.ops.diffusion import log_q_xt_given_xtm1
+from rvq_jax.ops.diffusion import make_schedule
+from rvq_jax.ops.diffusion import q_sample
+from rvq_jax.ops.diffusion import sample_timesteps
+from rvq_jax.ops.diffusion import truncate
+from rvq_jax.ops.diffusion import update_loss_history
+from rvq_jax.ops.diffusion import vlb_terms
 from rvq_jax.ops.distances import code_distances
 from rvq_jax.ops.distances import lookup
 from rvq_jax.ops.distances import nearest_code
@@ -25,11 +36,26 @@ from rvq_jax.ops.masking import masked_select
 from rvq_jax.ops.masking import num_masked
 from rvq_jax.ops.masking import stochastic_mask
 from rvq_jax.ops.reductions import argmax_last
+from rvq_jax.ops.sampling import classifier_free_guidance
+from rvq_jax.ops.sampling import filter_logits
+from rvq_jax.ops.sampling import sample_logits
+from rvq_jax.ops.sampling import top_k_filter
+from rvq_jax.ops.sampling import top_p_filter
 from rvq_jax.ops.straight_through import one_hot_lookup
 from rvq_jax.ops.straight_through import straight_through
 from rvq_jax.ops.straight_through import straight_through_argmax
 
 __all__ = [
+    "DiffusionSchedule",
+    "log_q_posterior",
+    "log_q_xt_given_x0",
+    "log_q_xt_given_xtm1",
+    "make_schedule",
+    "q_sample",
+    "sample_timesteps",
+    "truncate",
+    "update_loss_history",
+    "vlb_terms",
     "argmax_last",
     "one_hot_lookup",
     "code_distances",
@@ -52,4 +78,9 @@ __all__ = [
     "straight_through",
     "straight_through_argmax",
     "vq_losses",
+    "classifier_free_guidance",
+    "filter_logits",
+    "sample_logits",
+    "top_k_filter",
+    "top_p_filter",
 ]
