@@ -30,27 +30,24 @@ import argparse
 import dataclasses
 import datetime
 import gc
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
+from benchmarks.common import environment, usable_cores  # noqa: E402
 from rvq_jax import ops  # noqa: E402
 from rvq_jax.models.quantizers import build_quantizer  # noqa: E402
 
@@ -158,83 +155,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.out = os.path.join(_REPO, "benchmarks", "results",
                             f"quantizer_{jax.default_backend()}{suffix}.json")
   return args
-
-
-# ------------------------------------------------------------------------ environment
-
-
-def _version(package: str) -> str | None:
-  try:
-    return importlib.metadata.version(package)
-  except importlib.metadata.PackageNotFoundError:
-    return None
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def _usable_cores() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
-
-
-def _total_memory_bytes() -> int | None:
-  try:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  except (ValueError, OSError, AttributeError):
-    return None
-
-
-def _git_state() -> dict[str, Any] | None:
-  """The commit of the code under test, and which of its files differ from it."""
-  try:
-    def git(*cmd):
-      return subprocess.run(["git", "-C", _REPO, *cmd], capture_output=True, text=True,
-                            check=True, timeout=30).stdout
-    return {
-        "commit": git("rev-parse", "HEAD").strip(),
-        "uncommitted_in_rvq_jax": [line[3:] for line in
-                                   git("status", "--porcelain", "--", "rvq_jax").splitlines()],
-    }
-  except (OSError, subprocess.SubprocessError):
-    return None
-
-
-def environment() -> dict[str, Any]:
-  device = jax.devices()[0]
-  return {
-      "backend": jax.default_backend(),
-      "device": str(device),
-      "device_kind": device.device_kind,
-      "device_count": jax.device_count(),
-      "description": (f"{device.device_kind} ({jax.default_backend()}), host CPU "
-                      f"{_cpu_model()}, {_usable_cores()} usable cores"),
-      "cpu_model": _cpu_model(),
-      "usable_cores": _usable_cores(),
-      "total_memory_bytes": _total_memory_bytes(),
-      "python": platform.python_version(),
-      "platform": platform.platform(),
-      "jax": jax.__version__,
-      "jaxlib": _version("jaxlib"),
-      "flax": _version("flax"),
-      "numpy": np.__version__,
-      "torch": _version("torch"),
-      "vector_quantize_pytorch": _version("vector-quantize-pytorch"),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "jax_threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
-      "jax_default_prng_impl": str(jax.config.jax_default_prng_impl),
-      "git": _git_state(),
-  }
 
 
 # ------------------------------------------------------------------------ peak RSS
@@ -639,7 +559,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
   limit_bytes = int(args.max_memory_gb * GIB)
-  threads = _usable_cores()
+  threads = usable_cores()
   rss = PeakRSS()
 
   torch_note = None
@@ -660,7 +580,7 @@ def main(argv=None) -> int:
       "benchmark": "rvq_jax quantizers vs the bare codebook matmul",
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-      "environment": environment(),
+      "environment": environment(torch="torch", vector_quantize_pytorch="vector-quantize-pytorch"),
       "settings": {
           "tokens": [list(s) for s in args.tokens], "codes": list(args.codes),
           "dims": list(args.dims), "max_gflop": args.max_gflop,

@@ -3,6 +3,7 @@
   python -m rvq_jax.main --config=configs/celebahq.py --workdir=gs://bucket/run
   python -m rvq_jax.main --config=configs/celebahq.py:vq --workdir=...           # baseline
   python -m rvq_jax.main --config=configs/celebahq.py:tokenizer,runlocal --workdir=...
+  python -m rvq_jax.main --config=configs/celebahq.py:ar --workdir=...   # one prior stage
 
 Variants (comma-separated after ':'): a stage name, a quantizer kind
 (vq | gumbel | regvq | fq | regfq), `runlocal` (tiny model and run: checks a set-up).
@@ -33,6 +34,25 @@ def get_config(arg: str | None = None):
   config.optim.update(learning_rate=4.5e-6 * 32, disc_learning_rate=4.5e-6 * 32)
   config.eval.update(batch_size=32, num_batches=16)
 
+  # Priors over the 16×16 tokens. Taming's face transformer: GPT with 24 layers, 16
+  # heads, width 1024, AdamW(0.9, 0.95) with weight decay 0.01, base rate 4.5e-6 × batch.
+  config.ar.model.update(width=1024, depth=24, num_heads=16, dropout=0.0)
+  config.ar.optim.update(learning_rate=4.5e-6 * 32, b1=0.9, b2=0.95, weight_decay=0.01,
+                         warmup_steps=0)
+  config.ar.sample.update(top_k=100, temperature=1.0)
+  # VQ-Diffusion at the same size as the AR model (the paper's fair comparison):
+  # T = 100, auxiliary weight 5e-4, AdamW(0.9, 0.96) wd 4.5e-2, warm-up 5000,
+  # truncation 0.86 at sampling.
+  config.diffusion.model.update(width=1024, depth=24, num_heads=16, dropout=0.0)
+  config.diffusion.optim.update(learning_rate=3e-6 * 32, b1=0.9, b2=0.96,
+                                weight_decay=4.5e-2, warmup_steps=5000)
+  config.diffusion.update(num_timesteps=100, aux_weight=5e-4)
+  config.diffusion.sample.update(num_steps=0, truncation_rate=0.86)
+  for prior in (config.ar, config.diffusion):
+    prior.train.update(batch_size=32, num_steps=500_000, log_every=100,
+                       checkpoint_every=2000, eval_every=10_000, summary_every=2000)
+    prior.eval.update(batch_size=32, num_batches=16)
+
   if variant["quantizer"]:
     config_lib.apply_quantizer_kind(config, variant["quantizer"])
   if config.quantizer.kind in ("fq", "regfq"):
@@ -48,5 +68,12 @@ def get_config(arg: str | None = None):
     config.train.update(batch_size=8, num_steps=20, log_every=5, checkpoint_every=10,
                         eval_every=10, summary_every=10)
     config.eval.update(batch_size=8, num_batches=1)
+    for prior in (config.ar, config.diffusion):
+      prior.model.update(width=64, depth=2, num_heads=4)
+      prior.train.update(batch_size=8, num_steps=20, log_every=5, checkpoint_every=10,
+                         eval_every=10, summary_every=10)
+      prior.eval.update(batch_size=8, num_batches=1)
+      prior.sample.num_samples = 4
+    config.diffusion.num_timesteps = 20
   config.lock()
   return config

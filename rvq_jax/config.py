@@ -14,8 +14,10 @@ import ml_collections
 from rvq_jax import parallel
 from rvq_jax.data import factory as data_factory
 
-# Stages main runs in order. The priors (ar, diffusion) join this list when they exist.
-STAGES = ("tokenizer",)
+# The stages main can run, in the order a config runs them.
+STAGES = ("tokenizer", "ar", "diffusion")
+PRIOR_STAGES = ("ar", "diffusion")
+CONDITION_KINDS = ("none", "class", "semantic")
 QUANTIZER_KINDS = ("vq", "gumbel", "regvq", "fq", "regfq")
 
 
@@ -23,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every key any stage reads, with the paper's defaults where it gives one."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.stages = ("tokenizer",)
+  config.stages = STAGES
 
   # The data layer's fields (see rvq_jax.data.factory); batch sizes live in train/eval.
   config.data = data_factory.get_default_config()
@@ -122,6 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict(dict(
       batch_size=8,
       num_batches=4,
+      # FID Inception weights (rvq_jax.metrics.inception): '' = $RVQ_JAX_WEIGHTS_DIR/
+      # inception_fid.npz; no file = no rFID/IS; 'random' = random weights (tests only).
+      inception_weights="",
   ))
 
   config.mesh = ml_collections.ConfigDict(dict(
@@ -129,7 +134,50 @@ def base_config() -> ml_collections.ConfigDict:
       axes=parallel.DEFAULT_MESH_AXES,
       rules=parallel.DEFAULT_RULES,
   ))
+
+  # What both priors share: where their tokens come from and what conditions them.
+  config.prior = ml_collections.ConfigDict(dict(
+      condition="none",      # none | class (data 'label') | semantic (data 'label_map')
+      num_classes=0,         # class: labels in [0, num_classes); semantic: label values
+      tokenizer_workdir="",  # '' = <workdir>/tokenizer
+      train_tokens="",       # .npz from `--mode=encode` ('' = tokenize images on the fly)
+      eval_tokens="",
+  ))
+  config.ar = prior_config("ar")
+  config.diffusion = prior_config("diffusion")
   return config
+
+
+def prior_config(kind: str) -> ml_collections.ConfigDict:
+  """One prior stage's settings: model, optimizer, loop, evaluation and sampling.
+
+  Defaults are a small model; configs/celebahq.py sets the paper-scale ones (taming's
+  GPT: 24 layers, 16 heads, width 1024; VQ-Diffusion: T = 100).
+  """
+  prior = ml_collections.ConfigDict(dict(
+      model=dict(width=512, depth=8, num_heads=8, mlp_ratio=4, dropout=0.0,
+                 dtype="float32"),
+      # Taming's GPT: AdamW(0.9, 0.95), weight decay 0.01 on kernels only.
+      optim=dict(learning_rate=3e-4, b1=0.9, b2=0.95, weight_decay=0.01, warmup_steps=0,
+                 grad_clip=1.0),
+      train=dict(batch_size=8, num_steps=100_000, log_every=50, checkpoint_every=1000,
+                 eval_every=5000, summary_every=5000, keep_checkpoints=3),
+      eval=dict(batch_size=8, num_batches=4,
+                fid_batches=0),  # eval batches whose conditions are also sampled for gFID
+      # Classifier-free guidance needs a learned null condition: drop it this often.
+      condition_dropout=0.0,
+      sample=dict(num_samples=16, temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0),
+  ))
+  if kind == "ar":
+    prior.pkeep = 1.0        # taming: input tokens kept with prob pkeep, else uniform
+  elif kind == "diffusion":
+    prior.num_timesteps = 100
+    prior.aux_weight = 5e-4  # VQ-Diffusion's auxiliary x0 loss weight
+    prior.sample.num_steps = 0         # 0 = T; fewer = strided fast sampling
+    prior.sample.truncation_rate = 1.0  # keep the top-r probability mass (0.86 released)
+  else:
+    raise ValueError(f"unknown prior {kind!r}: choose from {PRIOR_STAGES}")
+  return prior
 
 
 def parse_arg(arg: str | None) -> dict:
@@ -212,8 +260,59 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(0.0 <= config.train.ema_decay < 1.0, "train.ema_decay must lie in [0, 1)")
   check(len(config.mesh.shape) == len(config.mesh.axes), "mesh.shape and mesh.axes differ")
   check(config.model.dtype in ("float32", "bfloat16"), f"model.dtype={config.model.dtype!r}")
+  _validate_priors(config, check)
   if problems:
     raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _validate_priors(config: ml_collections.ConfigDict, check) -> None:
+  prior = config.prior
+  check(prior.condition in CONDITION_KINDS,
+        f"prior.condition={prior.condition!r}: choose from {CONDITION_KINDS}")
+  if prior.condition in ("class", "semantic"):
+    check(prior.num_classes > 0, f"prior.condition={prior.condition!r} needs "
+          "prior.num_classes > 0")
+  data = config.data
+  if prior.condition == "class" and not prior.train_tokens:
+    check(data.class_labels or data.label_key, "prior.condition='class' needs class labels in "
+          "the data (data.class_labels=True for a folder, or data.label_key for TFDS)")
+  if prior.condition == "semantic" and not prior.train_tokens:
+    check(data.label_path or data.label_map_key, "prior.condition='semantic' needs label maps "
+          "in the data (data.label_path for a folder, or data.label_map_key for TFDS)")
+  for name in PRIOR_STAGES:
+    stage = config[name]
+    where = f"{name}."
+    check(stage.model.width % stage.model.num_heads == 0,
+          f"{where}model.width={stage.model.width} is not divisible by "
+          f"{where}model.num_heads={stage.model.num_heads}")
+    check(stage.model.depth >= 1, f"{where}model.depth must be >= 1")
+    check(stage.model.dtype in ("float32", "bfloat16"), f"{where}model.dtype")
+    check(stage.train.batch_size > 0 and stage.eval.batch_size > 0,
+          f"{where}train/eval batch sizes must be > 0")
+    check(stage.train.log_every > 0 and stage.train.checkpoint_every > 0,
+          f"{where}train.log_every and checkpoint_every must be > 0")
+    check(0.0 <= stage.condition_dropout < 1.0, f"{where}condition_dropout must lie in [0, 1)")
+    sample = stage.sample
+    check(sample.temperature >= 0, f"{where}sample.temperature must be >= 0")
+    check(sample.top_k >= 0, f"{where}sample.top_k must be >= 0 (0 = off)")
+    check(0.0 < sample.top_p <= 1.0, f"{where}sample.top_p must lie in (0, 1]")
+    if sample.guidance_scale != 1.0:
+      check(prior.condition != "none", f"{where}sample.guidance_scale != 1 needs a condition")
+      check(stage.condition_dropout > 0, f"{where}sample.guidance_scale != 1 needs a learned "
+            f"null condition: set {where}condition_dropout > 0 (0.1 is usual)")
+  check(0.0 <= config.ar.pkeep <= 1.0, "ar.pkeep must lie in [0, 1]")
+  diffusion = config.diffusion
+  check(diffusion.num_timesteps >= 2, "diffusion.num_timesteps must be >= 2")
+  check(0 <= diffusion.sample.num_steps <= diffusion.num_timesteps,
+        f"diffusion.sample.num_steps={diffusion.sample.num_steps} must lie in [0, "
+        f"num_timesteps={diffusion.num_timesteps}] (0 = all)")
+  check(0.0 < diffusion.sample.truncation_rate <= 1.0,
+        "diffusion.sample.truncation_rate must lie in (0, 1]")
+
+
+def stage_settings(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+  """The train/eval/optim settings of one stage (the tokenizer's live at the top level)."""
+  return config if stage == "tokenizer" else config[stage]
 
 
 def check_batch_divides(config: ml_collections.ConfigDict, num_devices: int,
@@ -222,9 +321,12 @@ def check_batch_divides(config: ml_collections.ConfigDict, num_devices: int,
   mesh_shape = parallel.resolve_mesh_shape(config.mesh.shape, num_devices)
   data_parallel = math.prod(s for s, a in zip(mesh_shape, config.mesh.axes)
                             if a in parallel.BATCH_AXES)
-  for name in ("train", "eval"):
-    batch = config[name].batch_size
-    if batch % data_parallel or batch % num_processes:
-      raise ValueError(
-          f"{name}.batch_size={batch} must be divisible by the {data_parallel} data-parallel "
-          f"devices of mesh {mesh_shape} and by {num_processes} processes.")
+  for stage in config.stages:
+    settings = stage_settings(config, stage)
+    prefix = "" if stage == "tokenizer" else f"{stage}."
+    for name in ("train", "eval"):
+      batch = settings[name].batch_size
+      if batch % data_parallel or batch % num_processes:
+        raise ValueError(
+            f"{prefix}{name}.batch_size={batch} must be divisible by the {data_parallel} "
+            f"data-parallel devices of mesh {mesh_shape} and by {num_processes} processes.")

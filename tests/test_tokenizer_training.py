@@ -137,7 +137,7 @@ def test_train_evaluate_reconstruct_and_encode(tmp_path):
   assert np.isfinite(_metrics(workdir)["train/representation"])
   assert 0 < final["usage"] <= 1
 
-  metrics = inference.evaluate(config, workdir)
+  metrics = inference.evaluate(TokenizerStage(config), loop.loop_config_from(config), workdir)
   assert metrics["step"] == 2
   np.testing.assert_allclose(metrics["psnr"], final["psnr"], rtol=1e-5)
 

@@ -15,16 +15,15 @@ from PIL import Image
 from rvq_jax.data import factory as data_factory
 from rvq_jax.data.iterator import BatchIterator
 from rvq_jax.data.sources import FolderSource
+from rvq_jax.models.conditioning import downsample_label_map
 from rvq_jax.train import loop
 from rvq_jax.train import reporting
 from rvq_jax.train.tokenizer_stage import TokenizerStage
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Held-out metrics of the latest tokenizer checkpoint → `eval_metrics.json`."""
-  stage = TokenizerStage(config)
-  container, constants, mesh, step = loop.load_trained(stage, loop.loop_config_from(config),
-                                                       workdir)
+def evaluate(stage, loop_config: loop.LoopConfig, workdir: str) -> dict[str, float]:
+  """Held-out metrics of the latest checkpoint of `stage` in `workdir` → `eval_metrics.json`."""
+  container, constants, mesh, step = loop.load_trained(stage, loop_config, workdir)
   eval_step = nnx.jit(stage.eval_step)
   with jax.set_mesh(mesh):
     metrics = {"step": step, **loop.evaluate_batches(
@@ -32,7 +31,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
       json.dump(metrics, f, indent=2, sort_keys=True)
-  logging.info("Evaluation of step %d: %s", step, metrics)
+  logging.info("Evaluation of %s at step %d: %s", stage.name, step, metrics)
   return metrics
 
 
@@ -79,32 +78,38 @@ def reconstruct(config: ml_collections.ConfigDict, workdir: str, input_dir: str,
 
 
 def encode(config: ml_collections.ConfigDict, workdir: str, split: str, output: str) -> str:
-  """The tokens of a whole split (in source order) → `output` (.npz: indices, index)."""
+  """The tokens of a whole split (in source order) → `output`, the priors' token file.
+
+  The .npz holds 'indices' [N, h, w(, M)], 'index' (source order) and, when the data
+  has them, 'label' [N] and 'label_map' [N, h, w] (downsampled to the token grid), so
+  a conditional prior can train from the file alone (`prior.train_tokens`).
+  """
   stage = TokenizerStage(config)
   container, _, mesh, step = loop.load_trained(stage, loop.loop_config_from(config), workdir)
   source = data_factory.create_source(config.data, split=split)
   model = stage.eval_model(container)
 
   @nnx.jit
-  def tokenize(model, images):
-    return model.tokenize(images)
+  def tokenize(model, batch):
+    tokens = model.tokenize(batch["image"])
+    fields = {"indices": tokens, "valid": batch["valid"], "index": batch["index"]}
+    if "label" in batch:
+      fields["label"] = batch["label"]
+    if "label_map" in batch:
+      fields["label_map"] = downsample_label_map(batch["label_map"], tokens.shape[1:3])
+    return fields
 
-  tokens, indices = [], []
+  parts: dict[str, list[np.ndarray]] = {}
   with jax.set_mesh(mesh), _ordered_iterator(config, source, config.eval.batch_size) as it:
     for batch in it:
-      global_batch = loop.global_batch(batch, mesh)
-      batch_tokens = multihost_utils.process_allgather(
-          tokenize(model, global_batch["image"]), tiled=True)
-      valid = multihost_utils.process_allgather(global_batch["valid"],
-                                                                 tiled=True)
-      index = multihost_utils.process_allgather(global_batch["index"],
-                                                                 tiled=True)
-      tokens.append(np.asarray(batch_tokens)[np.asarray(valid)])
-      indices.append(np.asarray(index)[np.asarray(valid)])
+      fields = multihost_utils.process_allgather(
+          tokenize(model, loop.global_batch(batch, mesh)), tiled=True)
+      valid = np.asarray(fields.pop("valid"))
+      for name, value in fields.items():
+        parts.setdefault(name, []).append(np.asarray(value)[valid])
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    np.savez(output, indices=np.concatenate(tokens), index=np.concatenate(indices),
-             step=step)
-    logging.info("Encoded %d images of the %s split to %s.", sum(len(t) for t in tokens),
-                 split, output)
+    np.savez(output, step=step, **{name: np.concatenate(p) for name, p in parts.items()})
+    logging.info("Encoded %d images of the %s split to %s.",
+                 sum(len(p) for p in parts["indices"]), split, output)
   return output

@@ -147,6 +147,15 @@ def _abstract_state(stage: Stage, config: LoopConfig, mesh):
       abstract_state
 
 
+def jitted_train_step(stage: Stage, graphdef, state_shardings, phase: Hashable) -> Callable:
+  """The loop's step for `phase`: jitted, sharded, state donated (AOT checks lower this)."""
+  def train_step(state, constants, batch, key, step):
+    container = nnx.merge(graphdef, state)
+    metrics = stage.train_step(container, constants, batch, key, step, phase)
+    return nnx.state(container), metrics
+  return jax.jit(train_step, out_shardings=(state_shardings, None), donate_argnums=0)
+
+
 def _restore(checkpointer, step, abstract_state, state_shardings):
   target = checkpoint_lib.abstract_with_shardings(
       nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(state_shardings))
@@ -213,12 +222,7 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
 
     def step_fn(phase):
       if phase not in compiled_steps:
-        def train_step(state, constants, batch, key, step):
-          container = nnx.merge(graphdef, state)
-          metrics = stage.train_step(container, constants, batch, key, step, phase)
-          return nnx.state(container), metrics
-        compiled_steps[phase] = jax.jit(
-            train_step, out_shardings=(state_shardings, None), donate_argnums=0)
+        compiled_steps[phase] = jitted_train_step(stage, graphdef, state_shardings, phase)
       return compiled_steps[phase]
 
     constants = jax.device_put(stage.constants(), NamedSharding(mesh, P()))
@@ -303,9 +307,10 @@ def _close(iterator) -> None:
     iterator.close()
 
 
-def loop_config_from(config) -> LoopConfig:
-  """The loop's settings from a full run config."""
-  train = config.train
+def loop_config_from(config, stage: str = "tokenizer") -> LoopConfig:
+  """The loop's settings for `stage` from a full run config (a prior's live in
+  config.<stage>.train, the tokenizer's in config.train)."""
+  train = (config if stage == "tokenizer" else config[stage]).train
   return LoopConfig(
       num_steps=train.num_steps, log_every=train.log_every,
       checkpoint_every=train.checkpoint_every, eval_every=train.eval_every,

@@ -1,0 +1,223 @@
+"""The prior stages (AR transformer, VQ-Diffusion) over a frozen tokenizer's tokens.
+
+One class serves both priors: they differ only in the model `rvq_jax.models.priors`
+builds, whose `loss`, `log_likelihood`/`negative_elbo` and `sample` the step functions
+call. Tokens come from images tokenized on the fly by the frozen tokenizer (the
+default) or from the arrays `--mode=encode` wrote (`prior.train_tokens`).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Hashable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from rvq_jax.data import factory as data_factory
+from rvq_jax.data import token_arrays
+from rvq_jax.models.conditioning import downsample_label_map
+from rvq_jax.models.priors import build_prior, token_layout
+from rvq_jax.models.tokenizer import Tokenizer
+from rvq_jax.train import loop
+from rvq_jax.train import reporting
+from rvq_jax.train.optimizers import make_optimizer
+from rvq_jax.train.tokenizer_stage import TokenizerStage
+
+
+class PriorTrainState(nnx.Module):
+  """What a prior stage checkpoints: the prior and its optimizer."""
+
+  def __init__(self, config: ml_collections.ConfigDict, kind: str, *, rngs: nnx.Rngs):
+    self.model = build_prior(config, kind, rngs=rngs)
+    tx, _ = make_optimizer(config[kind].optim, config[kind].optim.learning_rate)
+    self.optimizer = nnx.Optimizer(self.model, tx, wrt=nnx.Param)
+
+
+def tokenizer_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where the prior finds its tokenizer: `prior.tokenizer_workdir` or <workdir>/tokenizer."""
+  return config.prior.tokenizer_workdir or os.path.join(workdir, "tokenizer")
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, directory: str) -> tuple[Tokenizer, int]:
+  """The trained tokenizer (its EMA weights when kept) from `directory`; (model, step)."""
+  stage = TokenizerStage(config)
+  try:
+    container, _, _, step = loop.load_trained(stage, loop.loop_config_from(config), directory)
+  except FileNotFoundError as error:
+    raise FileNotFoundError(
+        f"the priors need a trained tokenizer, and {error}. Train it first with the "
+        "':tokenizer' variant of the config, or set prior.tokenizer_workdir.") from None
+  return stage.eval_model(container), step
+
+
+def sample_options(config: ml_collections.ConfigDict, kind: str, **overrides) -> dict:
+  """Keyword arguments of the prior's `sample` from `config.<kind>.sample`."""
+  sample = config[kind].sample
+  options = dict(temperature=sample.temperature, guidance_scale=sample.guidance_scale)
+  if kind == "ar":
+    options.update(top_k=sample.top_k, top_p=sample.top_p)
+  else:
+    options.update(num_steps=sample.num_steps or None, truncation_rate=sample.truncation_rate)
+  options.update(overrides)
+  return options
+
+
+class PriorStage:
+  """Implements `rvq_jax.train.loop.Stage` for the 'ar' or 'diffusion' prior.
+
+  Args:
+    config: the whole run config (the tokenizer's settings fix the token layout).
+    kind: 'ar' or 'diffusion'.
+    tokenizer: the frozen tokenizer that makes (and decodes) the tokens.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, kind: str, tokenizer: Tokenizer):
+    if kind not in ("ar", "diffusion"):
+      raise ValueError(f"unknown prior {kind!r}: 'ar' or 'diffusion'")
+    self.config, self.kind, self.name = config, kind, kind
+    self.settings = config[kind]
+    self.layout = token_layout(config)
+    self.condition_kind = config.prior.condition
+    self.progress_keys = (("loss", "nll", "accuracy", "grad_norm") if kind == "ar" else
+                          ("loss", "vlb_bits", "aux", "accuracy", "grad_norm"))
+    self._tokenizer_graphdef, self._tokenizer_state = nnx.split(tokenizer)
+    _, self.lr_schedule = make_optimizer(self.settings.optim, self.settings.optim.learning_rate)
+
+  # ------------------------------------------------------------------ loop protocol
+
+  def create(self, rngs: nnx.Rngs) -> PriorTrainState:
+    return PriorTrainState(self.config, self.kind, rngs=rngs)
+
+  def constants(self) -> Any:
+    return self._tokenizer_state
+
+  def phase(self, step: int) -> Hashable:
+    return None
+
+  def train_iterator(self, process_index: int, process_count: int):
+    prior = self.config.prior
+    if prior.train_tokens:
+      return token_arrays.create_token_dataset(
+          prior.train_tokens, split="train", batch_size=self.settings.train.batch_size,
+          process_index=process_index, process_count=process_count, seed=self.config.seed)
+    return data_factory.create_dataset(self.config.data, split="train",
+                                       process_index=process_index,
+                                       process_count=process_count, seed=self.config.seed,
+                                       batch_size=self.settings.train.batch_size)
+
+  def eval_batches(self, process_index: int, process_count: int):
+    prior = self.config.prior
+    batch_size = self.settings.eval.batch_size
+    if prior.eval_tokens:
+      iterator = token_arrays.create_token_dataset(
+          prior.eval_tokens, split="eval", batch_size=batch_size,
+          process_index=process_index, process_count=process_count)
+    else:
+      iterator = data_factory.create_dataset(self.config.data, split="eval",
+                                             process_index=process_index,
+                                             process_count=process_count,
+                                             batch_size=batch_size)
+    with iterator:
+      for batch_index, batch in enumerate(iterator):
+        if batch_index >= self.settings.eval.num_batches:
+          break
+        batch.pop("image", None) if "tokens" in batch else None
+        yield batch
+
+  # ------------------------------------------------------------------ inputs
+
+  def tokenizer(self, constants) -> Tokenizer:
+    return nnx.merge(self._tokenizer_graphdef, constants)
+
+  def inputs(self, constants, batch) -> tuple[jax.Array, jax.Array | None]:
+    """(tokens [B, L] or [B, L, M], condition None | [B] | [B, h, w]) of a batch."""
+    if "tokens" in batch:
+      grid_tokens = batch["tokens"]
+    else:
+      grid_tokens = jax.lax.stop_gradient(self.tokenizer(constants).tokenize(batch["image"]))
+    batch_size = grid_tokens.shape[0]
+    tokens = grid_tokens.reshape((batch_size,) + self.layout.token_shape())
+    return tokens, self.condition(batch)
+
+  def condition(self, batch) -> jax.Array | None:
+    if self.condition_kind == "none":
+      return None
+    if self.condition_kind == "class":
+      return batch["label"]
+    label_map = batch["label_map"]
+    if tuple(label_map.shape[1:3]) != self.layout.grid_size:
+      label_map = downsample_label_map(label_map, self.layout.grid_size)
+    return label_map
+
+  # ------------------------------------------------------------------ training
+
+  def _loss_options(self) -> dict:
+    options = dict(condition_dropout=self.settings.condition_dropout)
+    if self.kind == "ar":
+      options["pkeep"] = self.settings.pkeep
+    return options
+
+  def train_step(self, container: PriorTrainState, constants, batch, key, step, phase):
+    del phase
+    tokens, condition = self.inputs(constants, batch)
+
+    def loss_fn(model):
+      return model.loss(tokens, condition, key=key, deterministic=False,
+                        **self._loss_options())
+
+    (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(container.model)
+    container.optimizer.update(container.model, grads)
+    return {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
+            "learning_rate": self.lr_schedule(step)}
+
+  # ------------------------------------------------------------------ evaluation
+
+  def eval_step(self, container: PriorTrainState, constants, batch):
+    """Summed held-out negative log-likelihood (nats) of the valid examples of a batch."""
+    tokens, condition = self.inputs(constants, batch)
+    valid = batch["valid"].astype(jnp.float32)
+    if self.kind == "ar":
+      nll = -container.model.log_likelihood(tokens, condition)
+    else:
+      # An unbiased one-t estimate per image; the key depends on the examples only, so
+      # a re-evaluation draws the same t.
+      key = jax.random.fold_in(jax.random.key(self.config.seed), jnp.sum(batch["index"]))
+      nll = container.model.negative_elbo(tokens, condition, key=key)
+    tokens_per_example = math.prod(self.layout.token_shape())
+    return {"nll_nats": jnp.sum(nll * valid), "count": jnp.sum(valid),
+            "tokens": jnp.sum(valid) * tokens_per_example}
+
+  def finalize_eval(self, totals: dict[str, np.ndarray]) -> dict[str, float]:
+    nll, count, tokens = (float(totals[k]) for k in ("nll_nats", "count", "tokens"))
+    return {"bits_per_token": nll / max(tokens, 1.0) / math.log(2),
+            "nll_per_image": nll / max(count, 1.0)}
+
+  def summarize(self, container: PriorTrainState, constants, batch, step) -> dict:
+    num = min(self.settings.sample.num_samples, batch["valid"].shape[0])
+    condition = self.condition(batch)
+    condition = None if condition is None else condition[:num]
+    key = jax.random.fold_in(jax.random.key(self.config.seed), step)
+    tokens = sample_tokens(container.model, key, condition, self.layout, num,
+                           tuple(sorted(sample_options(self.config, self.kind).items())))
+    images = decode_images(self.tokenizer(constants), tokens)
+    return {"samples": reporting.image_grid(reporting.to_uint8(np.asarray(images)),
+                                            columns=int(math.ceil(math.sqrt(num))))}
+
+
+@nnx.jit(static_argnames=("layout", "num_samples", "options"))
+def sample_tokens(model, key, condition, layout, num_samples, options):
+  """Tokens [N, h, w] (or [N, h, w, M]) sampled from `model`; `options` is sorted items."""
+  tokens = model.sample(key, condition, num_samples=num_samples, **dict(options))
+  return tokens.reshape((num_samples,) + layout.grid_size +
+                        ((layout.num_subtokens,) if layout.num_subtokens > 1 else ()))
+
+
+@nnx.jit
+def decode_images(tokenizer, tokens):
+  """Tokens [N, h, w(, M)] → images [N, H, W, 3] in [-1, 1]."""
+  return jnp.clip(tokenizer.decode_indices(tokens), -1.0, 1.0)

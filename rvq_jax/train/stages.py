@@ -1,0 +1,37 @@
+"""The stage objects `main` and the tools run, by name."""
+from __future__ import annotations
+
+import json
+
+import ml_collections
+from etils import epath
+
+from rvq_jax.train.tokenizer_stage import TokenizerStage
+
+
+def build(config: ml_collections.ConfigDict, name: str, *, workdir: str | None = None,
+          tokenizer=None):
+  """The `rvq_jax.train.loop.Stage` called `name` ('tokenizer' | 'ar' | 'diffusion').
+
+  A prior needs the frozen tokenizer: pass it (a `Tokenizer`, or an abstract one from
+  `nnx.eval_shape` for compile-only uses), or the run's `workdir` to load it from.
+  """
+  if name == "tokenizer":
+    return TokenizerStage(config)
+  if name in ("ar", "diffusion"):
+    from rvq_jax.train import prior_stage  # The priors' modules load only when used.
+    if tokenizer is None:
+      if workdir is None:
+        raise ValueError(f"stage {name!r} needs the tokenizer or the run's workdir.")
+      tokenizer, _ = prior_stage.load_tokenizer(
+          config, prior_stage.tokenizer_workdir(config, workdir))
+    return prior_stage.PriorStage(config, name, tokenizer)
+  raise ValueError(f"unknown stage {name!r}: 'tokenizer', 'ar' or 'diffusion'.")
+
+
+def finished_step(stage_dir: str) -> int | None:
+  """The step of a stage's final metrics.json (written only when a run completes)."""
+  path = epath.Path(stage_dir) / "metrics.json"
+  if not path.exists():
+    return None
+  return int(json.loads(path.read_text()).get("step", -1))
