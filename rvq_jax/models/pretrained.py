@@ -42,6 +42,8 @@ CONVERTER_INPUTS: dict[str, str] = {
     "vgg16_lpips": "--torch-checkpoint vgg16-397923af.pth --lpips-checkpoint vgg.pth",
     "vgg16": "--torch-checkpoint vgg16-397923af.pth",
     "vgg19": "--torch-checkpoint vgg19-dcbb9e9d.pth",
+    # pytorch-fid's FID Inception (rvq_jax.metrics.inception).
+    "inception_fid": "--torch-checkpoint pt_inception-2015-12-05-6726825d.pth",
 }
 
 

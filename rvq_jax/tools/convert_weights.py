@@ -5,6 +5,9 @@
       --output weights/vgg16_lpips.npz
   python -m rvq_jax.tools.convert_weights --network vgg19 \\
       --torch-checkpoint vgg19-dcbb9e9d.pth --output weights/vgg19.npz
+  python -m rvq_jax.tools.convert_weights --network inception_fid \\
+      --torch-checkpoint pt_inception-2015-12-05-6726825d.pth \\
+      --output weights/inception_fid.npz
 
 Inputs (local files only; nothing is downloaded):
   * torchvision VGG16/VGG19 ImageNet state dicts (`vgg16-397923af.pth`,
@@ -15,9 +18,16 @@ Inputs (local files only; nothing is downloaded):
     `classifier.*` entries are not used.
   * for LPIPS, the lpips package's heads (`lpips/weights/v0.1/vgg.pth` inside the pip
     package): `linK.model.1.weight` [1, C, 1, 1] become `lins.K.kernel` [1, 1, C, 1].
+  * for FID, pytorch-fid's Inception-v3 state dict `pt_inception-2015-12-05-6726825d.pth`
+    (the release asset `fid_weights` of github.com/mseitzer/pytorch-fid, which
+    `pytorch_fid.inception.fid_inception_v3()` downloads into the torch hub cache). Each
+    `X.conv.weight` [O, I, kh, kw] becomes `X.conv.kernel` [kh, kw, I, O]; `X.bn.weight`,
+    `X.bn.bias`, `X.bn.running_mean`, `X.bn.running_var` become `X.bn.scale`,
+    `X.bn.bias`, `X.bn.mean`, `X.bn.var` (`num_batches_tracked` is dropped);
+    `fc.weight` [1008, 2048] becomes `fc.kernel` [2048, 1008], `fc.bias` stays.
 
-The output holds exactly the weights of the target Flax module (`LPIPS`, `VGG16` or
-`VGG19`), checked key by key and shape by shape before it is written.
+The output holds exactly the weights of the target Flax module (`LPIPS`, `VGG16`,
+`VGG19` or `InceptionV3`), checked key by key and shape by shape before it is written.
 
 torch is needed only here (`pip install torch`, the CPU build is enough); the library
 never imports it.
@@ -32,14 +42,21 @@ from collections.abc import Mapping
 import numpy as np
 from flax import nnx
 
+from rvq_jax.metrics import inception as inception_lib
 from rvq_jax.models import lpips as lpips_lib
 from rvq_jax.models import pretrained
 from rvq_jax.models import vgg
 
-NETWORKS = ("vgg16_lpips", "vgg16", "vgg19")
+NETWORKS = ("vgg16_lpips", "vgg16", "vgg19", "inception_fid")
 
 _FEATURE_KEY = re.compile(r"features\.(\d+)\.(weight|bias)")
 _LPIPS_HEAD_KEY = re.compile(r"lin(\d+)\.model\.([01])\.weight")
+# pytorch-fid Inception: `<module path>.conv.weight`, `<module path>.bn.<field>`, `fc.*`.
+_INCEPTION_KEY = re.compile(
+    r"(?P<prefix>[A-Za-z0-9_.]+)\.(?:(?P<conv>conv)\.weight|bn\.(?P<bn>weight|bias|"
+    r"running_mean|running_var|num_batches_tracked))")
+_INCEPTION_BN_NAMES = {"weight": "scale", "bias": "bias", "running_mean": "mean",
+                       "running_var": "var"}
 
 
 def _import_torch():
@@ -167,12 +184,51 @@ def _convert_lpips_heads(
   return converted
 
 
+def _convert_inception(
+    state_dict: Mapping[str, np.ndarray], *, source: str
+) -> dict[str, np.ndarray]:
+  """pytorch-fid's FID Inception state dict → `InceptionV3` weights (see the docstring).
+
+  Keys that fit none of the patterns (an auxiliary classifier, say, which the FID
+  network does not have) are rejected; missing ones are caught by the shape check after.
+  """
+  converted, unknown = {}, []
+  for key, value in state_dict.items():
+    value = np.asarray(value)
+    if key in ("fc.weight", "fc.bias"):
+      value = value.astype(np.float32)
+      if key == "fc.weight":
+        if value.ndim != 2:
+          raise ValueError(f"{source}: fc.weight should be [1008, 2048], got {value.shape}.")
+        converted["fc.kernel"] = np.ascontiguousarray(value.T)
+      else:
+        converted["fc.bias"] = value
+      continue
+    match = _INCEPTION_KEY.fullmatch(key)
+    if match is None or match.group("prefix").startswith("AuxLogits"):
+      unknown.append(key)
+      continue
+    prefix = match.group("prefix")
+    if match.group("conv"):
+      if value.ndim != 4:
+        raise ValueError(f"{source}: {key} should be [O, I, kh, kw], got {value.shape}.")
+      converted[f"{prefix}.conv.kernel"] = _oihw_to_hwio(value.astype(np.float32))
+    elif match.group("bn") != "num_batches_tracked":  # a training counter, not a weight
+      converted[f"{prefix}.bn.{_INCEPTION_BN_NAMES[match.group('bn')]}"] = value.astype(
+          np.float32)
+  if unknown:
+    raise ValueError(f"{source} is not pytorch-fid's FID Inception state dict: unexpected "
+                     f"entries {sorted(unknown)}.")
+  return converted
+
+
 def _target_module(network: str) -> nnx.Module:
   # Abstract: only the names and shapes are needed to check the converted arrays.
   build = {
       "vgg16_lpips": lambda: lpips_lib.LPIPS(rngs=nnx.Rngs(0)),
       "vgg16": lambda: vgg.VGG16(rngs=nnx.Rngs(0)),
       "vgg19": lambda: vgg.VGG19(rngs=nnx.Rngs(0)),
+      "inception_fid": lambda: inception_lib.InceptionV3(rngs=nnx.Rngs(0)),
   }[network]
   return nnx.eval_shape(build)
 
@@ -189,7 +245,8 @@ def convert_state_dicts(
 
   Args:
     network: one of `NETWORKS`.
-    torch_state_dict: torchvision VGG16 (for "vgg16_lpips", "vgg16") or VGG19 state dict.
+    torch_state_dict: torchvision VGG16 (for "vgg16_lpips", "vgg16") or VGG19 state dict,
+      or pytorch-fid's Inception state dict (for "inception_fid").
     lpips_state_dict: the lpips heads; required for "vgg16_lpips", refused otherwise.
     torch_source: name of the torchvision input, for error messages.
     lpips_source: name of the lpips input, for error messages.
@@ -209,7 +266,9 @@ def convert_state_dicts(
         if needs_heads
         else f"{network} takes no lpips heads checkpoint."
     )
-  if network == "vgg19":
+  if network == "inception_fid":
+    arrays = _convert_inception(torch_state_dict, source=torch_source)
+  elif network == "vgg19":
     arrays = _convert_vgg_features(
         torch_state_dict, vgg.VGG19_BLOCK_CONVS, source=torch_source
     )
@@ -257,13 +316,15 @@ def convert_checkpoint(
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m rvq_jax.tools.convert_weights",
-      description="Convert PyTorch VGG / LPIPS weights into rvq_jax .npz files.",
+      description="Convert PyTorch VGG / LPIPS / FID-Inception weights into rvq_jax .npz "
+      "files.",
   )
   parser.add_argument("--network", required=True, choices=NETWORKS)
   parser.add_argument(
       "--torch-checkpoint",
       required=True,
-      help="torchvision state dict: vgg16-397923af.pth or vgg19-dcbb9e9d.pth",
+      help="torchvision state dict (vgg16-397923af.pth, vgg19-dcbb9e9d.pth) or "
+      "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (inception_fid)",
   )
   parser.add_argument(
       "--lpips-checkpoint",

@@ -13,7 +13,9 @@ from absl import logging
 from flax import nnx
 
 from rvq_jax.data import factory as data_factory
+from rvq_jax.metrics import fid as fid_lib
 from rvq_jax.metrics import image_quality
+from rvq_jax.metrics import inception as inception_lib
 from rvq_jax.models import gan_losses
 from rvq_jax.models import lpips as lpips_lib
 from rvq_jax.models import pretrained
@@ -23,17 +25,7 @@ from rvq_jax.models.discriminator import NLayerDiscriminator
 from rvq_jax.models.tokenizer import Tokenizer
 from rvq_jax.train import reporting
 from rvq_jax.train import tokenizer_losses as losses_lib
-
-
-def make_optimizer(optim: ml_collections.ConfigDict, learning_rate: float):
-  """Adam(W) with linear warm-up and global-norm clipping; returns (tx, schedule)."""
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, learning_rate, max(optim.warmup_steps, 1)),
-       optax.constant_schedule(learning_rate)], [optim.warmup_steps]
-  ) if optim.warmup_steps else optax.constant_schedule(learning_rate)
-  adam = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay)
-  chain = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip else []
-  return optax.chain(*chain, adam), schedule
+from rvq_jax.train.optimizers import ema_update, make_optimizer
 
 
 class TokenizerTrainState(nnx.Module):
@@ -64,7 +56,8 @@ class FrozenNetworks(nnx.Module):
   """The pretrained, never-trained networks the losses and metrics use (or None).
 
   A loss that needs a network fails without its weight file, naming the file and the
-  converter command; evaluation uses LPIPS only when its file is present.
+  converter command; evaluation uses LPIPS and the FID Inception only when their files
+  are present.
   """
 
   def __init__(self, config: ml_collections.ConfigDict):
@@ -96,6 +89,36 @@ class FrozenNetworks(nnx.Module):
     self.lpips = nnx.data(lpips)
     self.vgg19 = nnx.data(vgg19)
     self.teacher = nnx.data(teacher)
+    self.inception = nnx.data(self._eval_inception(config))
+
+  @staticmethod
+  def _eval_inception(config: ml_collections.ConfigDict
+                      ) -> inception_lib.InceptionV3 | None:
+    """The FID Inception for rFID / IS in evaluation, or None (with one log line) without it.
+
+    `eval.inception_weights`: '' = $RVQ_JAX_WEIGHTS_DIR/inception_fid.npz, a path, or
+    'random' (random weights, only with `loss.random_pretrained`: tests).
+    """
+    configured = config.eval.get("inception_weights", "")
+    if configured == "random":
+      if not config.loss.random_pretrained:
+        raise ValueError("eval.inception_weights='random' gives meaningless FIDs; it is meant "
+                         "for tests, together with loss.random_pretrained=True.")
+      return inception_lib.random_inception(4)
+    path = _optional_weights(configured, inception_lib.NETWORK_NAME)
+    if path is None:
+      weights_dir = os.environ.get(pretrained.WEIGHTS_DIR_ENV_VAR)
+      expected = configured or (
+          os.path.join(weights_dir, f"{inception_lib.NETWORK_NAME}.npz") if weights_dir
+          else f"${pretrained.WEIGHTS_DIR_ENV_VAR}/{inception_lib.NETWORK_NAME}.npz "
+               f"(${pretrained.WEIGHTS_DIR_ENV_VAR} is not set)")
+      log = logging.warning if configured else logging.info
+      log("No FID Inception weights at %s (config eval.inception_weights): evaluation reports "
+          "no rFID or Inception Score. Make the file with:\n  %s", expected,
+          pretrained.converter_command(inception_lib.NETWORK_NAME,
+                                       configured or f"{inception_lib.NETWORK_NAME}.npz"))
+      return None
+    return inception_lib.load_inception(path)
 
 
 class TokenizerStage:
@@ -236,12 +259,7 @@ class TokenizerStage:
                      d_grad_norm=optax.global_norm(d_grads))
 
     if container.ema_model is not None:
-      decay = self.config.train.ema_decay
-      ema_params = nnx.state(container.ema_model, nnx.Param)
-      new_params = nnx.state(container.model, nnx.Param)
-      nnx.update(container.ema_model,
-                 jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_params, new_params))
-      nnx.update(container.ema_model, nnx.state(container.model, nnx.Not(nnx.Param)))
+      ema_update(container.ema_model, container.model, self.config.train.ema_decay)
 
     metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
                    learning_rate=self.lr_schedule(step), **terms, **stats)
@@ -266,6 +284,19 @@ class TokenizerStage:
     if frozen.lpips is not None:
       per_image["lpips"] = frozen.lpips(images, reconstructions)
     sums = {name: jnp.sum(value * valid) for name, value in per_image.items()}
+    if frozen.inception is not None:
+      # rFID sums of the real and reconstructed images, IS sums of the reconstructions:
+      # one Inception pass over both halves (one trace, one compile).
+      outputs = frozen.inception(
+          fid_lib.to_uint8_grid(jnp.concatenate([images, reconstructions])))
+      real_features, reconstruction_features = jnp.split(outputs["pool3"], 2)
+      for prefix, features in (("fid_real", real_features),
+                               ("fid_reconstruction", reconstruction_features)):
+        sums.update({f"{prefix}/{name}": value
+                     for name, value in fid_lib.feature_sums(features, valid).items()})
+      score_sums = fid_lib.inception_score_sums(
+          jnp.split(outputs["logits_unbiased"], 2)[1], valid)
+      sums.update({f"inception_score/{name}": value for name, value in score_sums.items()})
     indices = quantizer_output.indices
     valid_tokens = jnp.broadcast_to(valid.reshape((-1,) + (1,) * (indices.ndim - 1)),
                                     indices.shape)
@@ -283,9 +314,28 @@ class TokenizerStage:
         weights.reshape(-1))[None]
 
   def finalize_eval(self, totals: dict[str, np.ndarray]) -> dict[str, float]:
+    # Inception sums ('fid_real/sum', ...) by group; they are not per-example means.
+    totals, inception = dict(totals), {}
+    for name in [name for name in totals if "/" in name]:
+      group, field = name.split("/", 1)
+      if group in ("fid_real", "fid_reconstruction", "inception_score"):
+        inception.setdefault(group, {})[field] = totals.pop(name)
     count = max(float(totals.pop("count")), 1.0)
     code_counts = np.asarray(totals.pop("code_counts"), np.float64)
     metrics = {name: float(value) / count for name, value in totals.items()}
+    if inception:
+      # rFID: the reconstructions against the real images of the same eval examples. Like
+      # any FID it is biased upwards on small sets: compare numbers over equally many
+      # examples (10k-50k, well above the 2048 feature dimensions).
+      if float(inception["fid_real"]["count"]) >= 2:
+        metrics["rfid"] = fid_lib.fid_from_sums(inception["fid_real"],
+                                                inception["fid_reconstruction"])
+      else:
+        logging.warning("rFID needs at least 2 eval examples; not reported.")
+      if float(inception["inception_score"]["count"]) >= 1:
+        # Of the reconstructions, all eval examples as one split (see fid_lib).
+        metrics["inception_score"] = fid_lib.inception_score_from_sums(
+            inception["inception_score"])
     usage, perplexity = [], []
     for counts in code_counts:
       probs = counts / max(counts.sum(), 1.0)
