@@ -5,6 +5,13 @@ train state as a pure pytree, sharded arrays written by every process), `data` (
 input iterator's position, JSON) and `progress` (step and bookkeeping, JSON). Saves are
 atomic (orbax writes to a temporary directory and renames), so an interrupted save
 leaves the previous checkpoint as the latest one.
+
+Multi-process: every process calls `save` and `restore` at the same step (they are
+collective). Each process writes only the shards its devices hold (`state/ocdbt.process_<i>`),
+process 0 the metadata and the JSON items, so the directory must be one all processes see
+(gs://, a shared file system). A restore reads onto any mesh: the target's shardings say
+where each array goes, so a checkpoint from 8 devices resumes on 4, on 1, or on another
+mesh shape (tests/test_topology.py).
 """
 from __future__ import annotations
 

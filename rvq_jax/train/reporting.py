@@ -1,13 +1,16 @@
 """What a running job shows: a progress line, TensorBoard scalars and images, PNG files.
 
-Only process 0 writes files and TensorBoard events; every process may log, and each log
-line names the process that speaks.
+Only process 0 writes files and TensorBoard events (one copy of each, whatever the
+process count; checkpoints are different: every process writes its own shards, see
+`checkpoint.py`). Every process may log; with more than one process each log line
+names the one that speaks ("[tokenizer p1/4]"). Paths may be local or gs:// (etils
+epath), so a pod can write its summaries to the bucket that holds its checkpoints.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import time
 from typing import Mapping
 
@@ -17,7 +20,20 @@ import sys
 import jax
 import numpy as np
 from clu import metric_writers
+from etils import epath
+from jax.experimental import multihost_utils
 from PIL import Image
+
+
+def to_host(array) -> np.ndarray:
+  """A (possibly multi-process) jax.Array → the whole numpy array, on every process.
+
+  `np.asarray` fails on an array whose shards live on other processes' devices (a batch
+  split over a pod); those are gathered. Every process must call this together.
+  """
+  if isinstance(array, jax.Array) and not array.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+  return np.asarray(array)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -83,12 +99,14 @@ class Reporter:
     self.is_writer = jax.process_index() == 0
     self.writer = metric_writers.create_default_writer(
         workdir, just_logging=not self.is_writer, asynchronous=True)
-    self.image_dir = os.path.join(workdir, "images")
+    self.image_dir = epath.Path(workdir) / "images"
     if self.is_writer:
-      os.makedirs(self.image_dir, exist_ok=True)
+      self.image_dir.mkdir(parents=True, exist_ok=True)
     self._last_time, self._last_step = time.time(), start_step
 
   def _prefix(self) -> str:
+    if jax.process_count() == 1:
+      return f"[{self.stage}]"
     return f"[{self.stage} p{jax.process_index()}/{jax.process_count()}]"
 
   def log(self, message: str, *args) -> None:
@@ -113,14 +131,17 @@ class Reporter:
     self.writer.write_images(step, {name: image[None] for name, image in images.items()})
     if self.is_writer:
       for name, image in images.items():
-        Image.fromarray(image).save(os.path.join(self.image_dir, f"{name}_{step:07d}.png"))
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        (self.image_dir / f"{name}_{step:07d}.png").write_bytes(buffer.getvalue())
 
   def write_json(self, name: str, payload: Mapping) -> None:
+    """`workdir/name` from process 0, replaced whole (a reader never sees half a file)."""
     if self.is_writer:
-      path = os.path.join(self.workdir, name)
-      with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-      os.replace(path + ".tmp", path)
+      path = epath.Path(self.workdir) / name
+      temporary = path.parent / (path.name + ".tmp")
+      temporary.write_text(json.dumps(payload, indent=2, sort_keys=True))
+      temporary.replace(path)  # Atomic locally; a single object write on gs:// anyway.
 
   def close(self) -> None:
     self.writer.flush()

@@ -1,0 +1,145 @@
+"""One process of a multi-process tokenizer run on simulated CPU devices.
+
+Launched by tests/test_multihost.py (not collected by pytest: no test_ prefix):
+
+  RVQ_JAX_COORDINATOR=127.0.0.1:PORT RVQ_JAX_NUM_PROCESSES=2 RVQ_JAX_PROCESS_ID=1 \\
+      python tests/_multihost_worker.py --devices=4 --workdir=DIR --num_steps=2 \\
+      --record=DIR/record_1.json
+
+The process joins the job exactly as `python -m rvq_jax.main` does (its
+`_initialize_distributed`, driven by the RVQ_JAX_* variables), trains the tiny tokenizer
+of `tiny_config` with `loop.run`, and writes a JSON record: for every step, the example
+indices this process loaded, the global batch's indices, and the loss.
+
+`--data_process=K` makes this process read process K's slice of every batch instead of
+its own: the mis-sharded input the test must catch.
+"""
+import argparse
+import json
+import os
+import sys
+import traceback
+
+
+def _parse():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--devices", type=int, required=True, help="local CPU devices")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--num_steps", type=int, required=True)
+  parser.add_argument("--record", required=True, help="JSON file this process writes")
+  parser.add_argument("--mesh", default="4,2,1", help="data,fsdp,model")
+  parser.add_argument("--data_process", type=int, default=None,
+                      help="read this process's slice instead of our own (mis-sharding)")
+  return parser.parse_args()
+
+
+def _set_up_jax(devices: int):
+  # Before the backend starts: the device count and the test-wide compile settings of
+  # tests/conftest.py.
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if "xla_force_host_platform_device_count" not in f]
+  os.environ["XLA_FLAGS"] = " ".join(flags + [
+      f"--xla_force_host_platform_device_count={devices}"])
+  import jax
+  jax.config.update("jax_disable_most_optimizations", True)
+  cache = os.environ.get("RVQ_JAX_TEST_COMPILATION_CACHE")
+  # Single-process runs only. JAX writes cache entries from process 0 alone, so in a
+  # multi-process run process 0 may load a step that process 1 still compiles; its
+  # first collective then waits for process 1 in gloo's 30 s context set-up, and fails.
+  if cache and not os.environ.get("RVQ_JAX_COORDINATOR"):
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def tiny_config(num_steps: int, mesh_shape):
+  """tests/test_tokenizer_training.py's tiny Reg-VQ tokenizer, perceptual losses off."""
+  from rvq_jax import config as config_lib
+  config = config_lib.base_config()
+  config.data.update(image_size=16, num_workers=1, embedded_train_crops_per_photo=8,
+                     embedded_eval_crops_per_photo=4)
+  config.model.update(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                      z_channels=32)
+  config.quantizer.update(num_codes=16, code_dim=8)
+  config_lib.apply_quantizer_kind(config, "regvq")
+  # No GAN phase: one compiled step variant keeps the multi-process compiles short.
+  config.loss.update(perceptual_weight=0.0, pcl_weight=0.0, random_pretrained=True,
+                     disc_start=10**9, disc_layers=2, disc_channels=32)
+  config.train.update(batch_size=8, num_steps=num_steps, log_every=1, checkpoint_every=100,
+                      eval_every=0, summary_every=0)
+  config.eval.update(batch_size=8, num_batches=1)
+  config.mesh.shape = tuple(mesh_shape)
+  config_lib.validate(config)
+  return config
+
+
+def main():
+  args = _parse()
+  _set_up_jax(args.devices)
+  from rvq_jax import main as main_lib
+  main_lib._initialize_distributed()  # pylint: disable=protected-access
+  import jax
+  from rvq_jax.train import loop
+  from rvq_jax.train.tokenizer_stage import TokenizerStage
+
+  record = {"process_index": jax.process_index(), "process_count": jax.process_count(),
+            "device_count": jax.device_count(), "local": {}, "global": {}, "loss": {},
+            "start_step": None}
+
+  class RecordingIterator:
+    """The stage's iterator, noting which examples each step loaded on this process."""
+
+    def __init__(self, iterator):
+      self.iterator = iterator
+
+    def __next__(self):
+      step = self.iterator.get_state()["step"]
+      if record["start_step"] is None:
+        record["start_step"] = step
+      batch = next(self.iterator)
+      record["local"][step] = batch["index"].tolist()
+      record["global"][step] = self.iterator.global_batch_indices(step)[0].tolist()
+      return batch
+
+    def get_state(self):
+      return self.iterator.get_state()
+
+    def restore(self, state):
+      self.iterator.restore(state)
+
+    def close(self):
+      self.iterator.close()
+
+  class RecordingStage(TokenizerStage):
+
+    def train_iterator(self, process_index, process_count):
+      if args.data_process is not None:
+        process_index = args.data_process
+      return RecordingIterator(super().train_iterator(process_index, process_count))
+
+  class RecordingReporter(loop.Reporter):
+
+    def progress(self, step, metrics, keys):
+      record["loss"][step] = metrics["loss"]
+      super().progress(step, metrics, keys)
+
+  loop.Reporter = RecordingReporter  # The loop looks the name up at run time.
+  config = tiny_config(args.num_steps, [int(s) for s in args.mesh.split(",")])
+  loop.run(RecordingStage(config), loop.loop_config_from(config), args.workdir)
+  with open(args.record + ".tmp", "w") as f:
+    json.dump(record, f)
+  os.replace(args.record + ".tmp", args.record)
+  return 0
+
+
+if __name__ == "__main__":
+  try:
+    code = main()
+  except BaseException:  # pylint: disable=broad-except
+    traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not sys.exit: the distributed runtime's shutdown would wait for the other
+    # process, which may be waiting for this one.
+    os._exit(1)  # pylint: disable=protected-access
+  sys.exit(code)
