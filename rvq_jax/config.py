@@ -162,8 +162,9 @@ def prior_config(kind: str) -> ml_collections.ConfigDict:
                  grad_clip=1.0),
       train=dict(batch_size=8, num_steps=100_000, log_every=50, checkpoint_every=1000,
                  eval_every=5000, summary_every=5000, keep_checkpoints=3),
-      eval=dict(batch_size=8, num_batches=4,
-                fid_batches=0),  # eval batches whose conditions are also sampled for gFID
+      # generation_fid: sample one image per held-out example for gFID / IS (only when
+      # the FID Inception's weights exist, see eval.inception_weights).
+      eval=dict(batch_size=8, num_batches=4, generation_fid=True),
       # Classifier-free guidance needs a learned null condition: drop it this often.
       condition_dropout=0.0,
       sample=dict(num_samples=16, temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0),

@@ -185,3 +185,29 @@ def test_prior_without_a_trained_tokenizer_names_the_command(tmp_path):
   config = tiny_config()
   with pytest.raises(FileNotFoundError, match="Train it first"):
     stages.build(config, "ar", workdir=str(tmp_path))
+
+
+def test_prior_eval_reports_generation_fid_with_an_inception(tmp_path, monkeypatch):
+  """With an FID Inception (random weights here), eval adds gFID and IS of one sample per
+  held-out example against the eval split's cached reference statistics."""
+  from rvq_jax.metrics import fid as fid_lib
+  config = tiny_config()
+  config.loss.random_pretrained = True
+  config.eval.inception_weights = "random"
+  stage = PriorStage(config, "ar", _random_tokenizer(config),
+                     fid_reference_path=str(tmp_path / "reference.npz"))
+  distances = []
+  real_distance = fid_lib.frechet_distance
+
+  def recording_distance(*args):
+    distances.append(args)
+    return real_distance(*args)
+
+  monkeypatch.setattr(fid_lib, "frechet_distance", recording_distance)
+  final = loop.run(stage, loop.loop_config_from(config, "ar"), str(tmp_path / "ar"))
+  assert np.isfinite(final["gfid"]) and final["gfid"] >= 0
+  assert final["inception_score"] >= 1.0
+  # The reference is the eval split's statistics, written once to the cache file.
+  mu_ref, sigma_ref, _ = fid_lib.load_statistics(str(tmp_path / "reference.npz"))
+  np.testing.assert_array_equal(distances[-1][2], mu_ref)
+  np.testing.assert_array_equal(distances[-1][3], sigma_ref)

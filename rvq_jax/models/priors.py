@@ -33,6 +33,10 @@ class TokenLayout:
     """A sequence's shape without the batch axis: (L,) or (L, M)."""
     return (self.length,) if self.num_subtokens == 1 else (self.length, self.num_subtokens)
 
+  def grid_shape(self) -> tuple[int, ...]:
+    """The tokenizer's token grid without the batch axis: (h, w) or (h, w, M)."""
+    return self.grid_size + ((self.num_subtokens,) if self.num_subtokens > 1 else ())
+
 
 def token_layout(config: ml_collections.ConfigDict) -> TokenLayout:
   factor = 2 ** (len(config.model.ch_mult) - 1)

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rvq_jax import parallel
 from rvq_jax.data.iterator import to_global_array
 from rvq_jax.train import checkpoint as checkpoint_lib
+from rvq_jax.train import reporting
 from rvq_jax.train.reporting import Reporter
 
 Batch = Mapping[str, np.ndarray]
@@ -128,12 +129,19 @@ def global_batch(batch: Batch, mesh) -> dict[str, jax.Array]:
 
 def evaluate_batches(stage: Stage, eval_batch: Callable[[Batch], dict], mesh) -> dict:
   """Runs `eval_batch` over the stage's held-out batches, sums, and finalizes."""
-  outputs = [jax.device_get(eval_batch(global_batch(batch, mesh)))
-             for batch in stage.eval_batches(jax.process_index(), jax.process_count())]
-  if not outputs:
+  # A running float64 total: holding every batch's outputs would keep, e.g., two
+  # [2048, 2048] FID moment matrices per batch in host memory.
+  totals: dict[str, np.ndarray] | None = None
+  for batch in stage.eval_batches(jax.process_index(), jax.process_count()):
+    # Sums may be sharded over processes on a pod: every process gathers them.
+    output = jax.tree.map(reporting.to_host, eval_batch(global_batch(batch, mesh)))
+    if totals is None:
+      totals = {name: np.asarray(value, np.float64) for name, value in output.items()}
+    else:
+      for name, value in output.items():
+        totals[name] += np.asarray(value, np.float64)
+  if totals is None:
     raise ValueError(f"{stage.name}: the evaluation split produced no batches.")
-  totals = {name: np.sum([np.asarray(o[name], np.float64) for o in outputs], axis=0)
-            for name in outputs[0]}
   return stage.finalize_eval(totals)
 
 

@@ -20,13 +20,17 @@ from flax import nnx
 
 from rvq_jax.data import factory as data_factory
 from rvq_jax.data import token_arrays
+from rvq_jax.metrics import fid as fid_lib
 from rvq_jax.models.conditioning import downsample_label_map
 from rvq_jax.models.priors import build_prior, token_layout
 from rvq_jax.models.tokenizer import Tokenizer
 from rvq_jax.train import loop
 from rvq_jax.train import reporting
 from rvq_jax.train.optimizers import make_optimizer
-from rvq_jax.train.tokenizer_stage import TokenizerStage
+from rvq_jax.train.tokenizer_stage import TokenizerStage, load_eval_inception
+
+# Prefix of the generation-FID sums in eval outputs.
+_GENERATED = "generated/"
 
 
 class PriorTrainState(nnx.Module):
@@ -70,13 +74,21 @@ def sample_options(config: ml_collections.ConfigDict, kind: str, **overrides) ->
 class PriorStage:
   """Implements `rvq_jax.train.loop.Stage` for the 'ar' or 'diffusion' prior.
 
+  Evaluation reports held-out bits per token and, when the FID Inception's weights exist
+  (`eval.inception_weights`) and `<kind>.eval.generation_fid` is on, gFID and Inception
+  Score of one sample per held-out example (with that example's condition) against the
+  reference statistics of the data's eval split (cached in `fid_reference_path`).
+
   Args:
     config: the whole run config (the tokenizer's settings fix the token layout).
     kind: 'ar' or 'diffusion'.
     tokenizer: the frozen tokenizer that makes (and decodes) the tokens.
+    fid_reference_path: where the eval split's Inception statistics are cached (None =
+      recompute them in every process that evaluates).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, kind: str, tokenizer: Tokenizer):
+  def __init__(self, config: ml_collections.ConfigDict, kind: str, tokenizer: Tokenizer, *,
+               fid_reference_path: str | None = None):
     if kind not in ("ar", "diffusion"):
       raise ValueError(f"unknown prior {kind!r}: 'ar' or 'diffusion'")
     self.config, self.kind, self.name = config, kind, kind
@@ -86,6 +98,11 @@ class PriorStage:
     self.progress_keys = (("loss", "nll", "accuracy", "grad_norm") if kind == "ar" else
                           ("loss", "vlb_bits", "aux", "accuracy", "grad_norm"))
     self._tokenizer_graphdef, self._tokenizer_state = nnx.split(tokenizer)
+    inception = load_eval_inception(config) if self.settings.eval.generation_fid else None
+    self._inception_graphdef, self._inception_state = (
+        nnx.split(inception) if inception is not None else (None, None))
+    self.fid_reference_path = fid_reference_path
+    self._fid_reference = None
     _, self.lr_schedule = make_optimizer(self.settings.optim, self.settings.optim.learning_rate)
 
   # ------------------------------------------------------------------ loop protocol
@@ -94,7 +111,7 @@ class PriorStage:
     return PriorTrainState(self.config, self.kind, rngs=rngs)
 
   def constants(self) -> Any:
-    return self._tokenizer_state
+    return {"tokenizer": self._tokenizer_state, "inception": self._inception_state}
 
   def phase(self, step: int) -> Hashable:
     return None
@@ -132,7 +149,7 @@ class PriorStage:
   # ------------------------------------------------------------------ inputs
 
   def tokenizer(self, constants) -> Tokenizer:
-    return nnx.merge(self._tokenizer_graphdef, constants)
+    return nnx.merge(self._tokenizer_graphdef, constants["tokenizer"])
 
   def inputs(self, constants, batch) -> tuple[jax.Array, jax.Array | None]:
     """(tokens [B, L] or [B, L, M], condition None | [B] | [B, h, w]) of a batch."""
@@ -178,24 +195,52 @@ class PriorStage:
   # ------------------------------------------------------------------ evaluation
 
   def eval_step(self, container: PriorTrainState, constants, batch):
-    """Summed held-out negative log-likelihood (nats) of the valid examples of a batch."""
+    """Sums over the valid examples of a batch: held-out NLL (nats) and, with the FID
+    Inception, the feature sums of one sample per example."""
     tokens, condition = self.inputs(constants, batch)
-    valid = batch["valid"].astype(jnp.float32)
+    valid = batch["valid"]
+    # The key depends on the examples only, so a re-evaluation draws the same samples/t.
+    key = jax.random.fold_in(jax.random.key(self.config.seed), jnp.sum(batch["index"]))
     if self.kind == "ar":
       nll = -container.model.log_likelihood(tokens, condition)
     else:
-      # An unbiased one-t estimate per image; the key depends on the examples only, so
-      # a re-evaluation draws the same t.
-      key = jax.random.fold_in(jax.random.key(self.config.seed), jnp.sum(batch["index"]))
+      # An unbiased one-t estimate per image.
       nll = container.model.negative_elbo(tokens, condition, key=key)
+    weight = valid.astype(jnp.float32)
     tokens_per_example = math.prod(self.layout.token_shape())
-    return {"nll_nats": jnp.sum(nll * valid), "count": jnp.sum(valid),
-            "tokens": jnp.sum(valid) * tokens_per_example}
+    sums = {"nll_nats": jnp.sum(nll * weight), "count": jnp.sum(weight),
+            "tokens": jnp.sum(weight) * tokens_per_example}
+    if constants["inception"] is not None:
+      samples = container.model.sample(
+          jax.random.fold_in(key, 1), condition, num_samples=valid.shape[0],
+          **sample_options(self.config, self.kind))
+      images = decode_images(self.tokenizer(constants),
+                             samples.reshape((valid.shape[0],) + self.layout.grid_shape()))
+      inception = nnx.merge(self._inception_graphdef, constants["inception"])
+      sums.update({_GENERATED + name: value for name, value in
+                   fid_lib.generated_feature_sums(inception, images, valid).items()})
+    return sums
 
   def finalize_eval(self, totals: dict[str, np.ndarray]) -> dict[str, float]:
     nll, count, tokens = (float(totals[k]) for k in ("nll_nats", "count", "tokens"))
-    return {"bits_per_token": nll / max(tokens, 1.0) / math.log(2),
-            "nll_per_image": nll / max(count, 1.0)}
+    metrics = {"bits_per_token": nll / max(tokens, 1.0) / math.log(2),
+               "nll_per_image": nll / max(count, 1.0)}
+    generated = {name[len(_GENERATED):]: value for name, value in totals.items()
+                 if name.startswith(_GENERATED)}
+    if generated and float(generated["count"]) >= 2:
+      mu, sigma = self.fid_reference()
+      metrics["gfid"] = fid_lib.frechet_distance(*fid_lib.statistics_from_sums(generated),
+                                                 mu, sigma)
+      metrics["inception_score"] = fid_lib.inception_score_from_sums(generated)
+    return metrics
+
+  def fid_reference(self) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the eval split's Inception features, computed once per stage."""
+    if self._fid_reference is None:
+      self._fid_reference = fid_lib.reference_statistics(
+          self.config.data, "eval", nnx.merge(self._inception_graphdef, self._inception_state),
+          self.fid_reference_path, self.settings.eval.batch_size)
+    return self._fid_reference
 
   def summarize(self, container: PriorTrainState, constants, batch, step) -> dict:
     num = min(self.settings.sample.num_samples, batch["valid"].shape[0])
@@ -205,7 +250,7 @@ class PriorStage:
     tokens = sample_tokens(container.model, key, condition, self.layout, num,
                            tuple(sorted(sample_options(self.config, self.kind).items())))
     images = decode_images(self.tokenizer(constants), tokens)
-    return {"samples": reporting.image_grid(reporting.to_uint8(np.asarray(images)),
+    return {"samples": reporting.image_grid(reporting.to_uint8(reporting.to_host(images)),
                                             columns=int(math.ceil(math.sqrt(num))))}
 
 
@@ -213,8 +258,7 @@ class PriorStage:
 def sample_tokens(model, key, condition, layout, num_samples, options):
   """Tokens [N, h, w] (or [N, h, w, M]) sampled from `model`; `options` is sorted items."""
   tokens = model.sample(key, condition, num_samples=num_samples, **dict(options))
-  return tokens.reshape((num_samples,) + layout.grid_size +
-                        ((layout.num_subtokens,) if layout.num_subtokens > 1 else ()))
+  return tokens.reshape((num_samples,) + layout.grid_shape())
 
 
 @nnx.jit

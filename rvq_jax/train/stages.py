@@ -25,7 +25,8 @@ def build(config: ml_collections.ConfigDict, name: str, *, workdir: str | None =
         raise ValueError(f"stage {name!r} needs the tokenizer or the run's workdir.")
       tokenizer, _ = prior_stage.load_tokenizer(
           config, prior_stage.tokenizer_workdir(config, workdir))
-    return prior_stage.PriorStage(config, name, tokenizer)
+    reference = None if workdir is None else str(epath.Path(workdir) / "fid_reference_eval.npz")
+    return prior_stage.PriorStage(config, name, tokenizer, fid_reference_path=reference)
   raise ValueError(f"unknown stage {name!r}: 'tokenizer', 'ar' or 'diffusion'.")
 
 

@@ -52,6 +52,34 @@ def _optional_weights(configured: str, network: str) -> str | None:
   return path if os.path.exists(path) else None
 
 
+def load_eval_inception(config: ml_collections.ConfigDict) -> inception_lib.InceptionV3 | None:
+  """The FID Inception for rFID/gFID and IS in evaluation, or None (one log line) without it.
+
+  `eval.inception_weights`: '' = $RVQ_JAX_WEIGHTS_DIR/inception_fid.npz, a path, or
+  'random' (random weights, only with `loss.random_pretrained`: tests).
+  """
+  configured = config.eval.get("inception_weights", "")
+  if configured == "random":
+    if not config.loss.random_pretrained:
+      raise ValueError("eval.inception_weights='random' gives meaningless FIDs; it is meant "
+                       "for tests, together with loss.random_pretrained=True.")
+    return inception_lib.random_inception(4)
+  path = _optional_weights(configured, inception_lib.NETWORK_NAME)
+  if path is None:
+    weights_dir = os.environ.get(pretrained.WEIGHTS_DIR_ENV_VAR)
+    expected = configured or (
+        os.path.join(weights_dir, f"{inception_lib.NETWORK_NAME}.npz") if weights_dir
+        else f"${pretrained.WEIGHTS_DIR_ENV_VAR}/{inception_lib.NETWORK_NAME}.npz "
+             f"(${pretrained.WEIGHTS_DIR_ENV_VAR} is not set)")
+    log = logging.warning if configured else logging.info
+    log("No FID Inception weights at %s (config eval.inception_weights): evaluation reports "
+        "no rFID or Inception Score. Make the file with:\n  %s", expected,
+        pretrained.converter_command(inception_lib.NETWORK_NAME,
+                                     configured or f"{inception_lib.NETWORK_NAME}.npz"))
+    return None
+  return inception_lib.load_inception(path)
+
+
 class FrozenNetworks(nnx.Module):
   """The pretrained, never-trained networks the losses and metrics use (or None).
 
@@ -89,36 +117,7 @@ class FrozenNetworks(nnx.Module):
     self.lpips = nnx.data(lpips)
     self.vgg19 = nnx.data(vgg19)
     self.teacher = nnx.data(teacher)
-    self.inception = nnx.data(self._eval_inception(config))
-
-  @staticmethod
-  def _eval_inception(config: ml_collections.ConfigDict
-                      ) -> inception_lib.InceptionV3 | None:
-    """The FID Inception for rFID / IS in evaluation, or None (with one log line) without it.
-
-    `eval.inception_weights`: '' = $RVQ_JAX_WEIGHTS_DIR/inception_fid.npz, a path, or
-    'random' (random weights, only with `loss.random_pretrained`: tests).
-    """
-    configured = config.eval.get("inception_weights", "")
-    if configured == "random":
-      if not config.loss.random_pretrained:
-        raise ValueError("eval.inception_weights='random' gives meaningless FIDs; it is meant "
-                         "for tests, together with loss.random_pretrained=True.")
-      return inception_lib.random_inception(4)
-    path = _optional_weights(configured, inception_lib.NETWORK_NAME)
-    if path is None:
-      weights_dir = os.environ.get(pretrained.WEIGHTS_DIR_ENV_VAR)
-      expected = configured or (
-          os.path.join(weights_dir, f"{inception_lib.NETWORK_NAME}.npz") if weights_dir
-          else f"${pretrained.WEIGHTS_DIR_ENV_VAR}/{inception_lib.NETWORK_NAME}.npz "
-               f"(${pretrained.WEIGHTS_DIR_ENV_VAR} is not set)")
-      log = logging.warning if configured else logging.info
-      log("No FID Inception weights at %s (config eval.inception_weights): evaluation reports "
-          "no rFID or Inception Score. Make the file with:\n  %s", expected,
-          pretrained.converter_command(inception_lib.NETWORK_NAME,
-                                       configured or f"{inception_lib.NETWORK_NAME}.npz"))
-      return None
-    return inception_lib.load_inception(path)
+    self.inception = nnx.data(load_eval_inception(config))
 
 
 class TokenizerStage:
@@ -349,9 +348,10 @@ class TokenizerStage:
   def summarize(self, container: TokenizerTrainState, constants, batch, step) -> dict:
     images = batch["image"][:8]
     reconstructions, indices = _reconstruct(self.eval_model(container), images)
-    pair = np.concatenate([np.asarray(images), np.asarray(reconstructions)], axis=0)
+    pair = np.concatenate([reporting.to_host(images), reporting.to_host(reconstructions)],
+                          axis=0)
     grid = reporting.image_grid(reporting.to_uint8(pair), columns=len(images))
-    indices = np.asarray(indices)
+    indices = reporting.to_host(indices)
     # Factorized tokens [B, h, w, M]: the histogram of the first sub-codebook.
     counts = np.bincount(indices.reshape(-1) if indices.ndim < 4 else indices[..., 0].ravel(),
                          minlength=self.num_codes)
