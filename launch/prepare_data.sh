@@ -6,10 +6,11 @@
 #
 # CelebA-HQ is a manual-download TFDS data set: put the files the TFDS catalogue page of
 # `celeb_a_hq` asks for in --manual-dir (a gs:// folder or a local one). This script
-# copies them to local disk, builds the data set with TFDS's Python API (what
-# `tfds build celeb_a_hq/256 --manual_dir=... --file_format=array_record` does; that CLI
-# needs apache-beam in tensorflow-datasets 4.9) in the array_record format (read by the
-# training loop without TensorFlow), and uploads the result to --data-dir. It runs on worker 0 of the TPU VM (after launch/tpu_setup.sh), close to
+# copies them to local disk, builds the data set in the array_record format (read by the
+# training loop without TensorFlow) with `python -m rvq_jax.tools.prepare_tfds` (TFDS's
+# Python API: what `tfds build --file_format=array_record` does, whose command line
+# needs apache-beam in tensorflow-datasets 4.9), and uploads the result to --data-dir.
+# It runs on worker 0 of the TPU VM (after launch/tpu_setup.sh), close to
 # the bucket, or with --local on this machine (needs `pip install -r requirements.txt`
 # and gcloud). Run it once; launch/tpu_setup.sh --data=... copies the result to workers.
 #
@@ -40,12 +41,12 @@ else
   fetch_manual="test -d $(quote "$manual_dir")"
   local_manual=$(quote "$manual_dir")
 fi
-build='import sys, tensorflow_datasets as tfds
-name, manual_dir, data_dir = sys.argv[1:]
-builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-print(builder.info.splits)'
-steps="set -e; $fetch_manual; mkdir -p ~/tfds_build; python3 -c $(quote "$build") $(quote "$dataset") $local_manual ~/tfds_build; gcloud storage cp -r ~/tfds_build/'*' $(quote "${data_dir%/}")/"
+if [[ ${RVQ_LOCAL:-0} == 1 ]]; then
+  remote_dir=$(cd "$(dirname "$0")/.." && pwd)  # This checkout.
+else
+  remote_dir=${RVQ_REMOTE_DIR:-rvq_jax}        # The checkout tpu_setup.sh made.
+fi
+steps="set -e; $fetch_manual; mkdir -p ~/tfds_build; cd $(quote "$remote_dir"); python3 -m rvq_jax.tools.prepare_tfds --name=$(quote "$dataset") --manual_dir=$local_manual --data_dir=~/tfds_build; gcloud storage cp -r ~/tfds_build/'*' $(quote "${data_dir%/}")/"
 
 if [[ ${RVQ_LOCAL:-0} == 1 ]]; then
   run bash -c "$steps"

@@ -276,7 +276,8 @@ def test_missing_tfds_dataset_names_the_dataset_dir_and_command(tmp_path):
   with pytest.raises(ValueError) as error:
     data.create_dataset(config, split="train", process_index=0, process_count=1)
   message = str(error.value)
-  for fragment in ("celeb_a_hq/256", str(tmp_path), "tfds build", "--manual_dir=/data/"
+  for fragment in ("celeb_a_hq/256", str(tmp_path), "rvq_jax.tools.prepare_tfds",
+                   "--manual_dir=/data/"
                    "celebahq_manual", "array_record", "not prepared"):
     assert fragment in message
   assert not any(tmp_path.rglob("*.array_record*"))  # Nothing was downloaded or built.

@@ -28,7 +28,7 @@ CASES = {
         ["--project=p", "--zone=z"], "--tpu-name (or RVQ_TPU_NAME)"),
     "prepare_data.sh": (
         TPU + ["--bucket=b"],
-        ["--worker=0", "gcloud storage cp -r gs://b/manual/celeb_a_hq/", "download_and_prepare",
+        ["--worker=0", "gcloud storage cp -r gs://b/manual/celeb_a_hq/", "rvq_jax.tools.prepare_tfds",
          "array_record", "celeb_a_hq/256", "gs://b/tfds/"],
         TPU, "--bucket (or RVQ_BUCKET)"),
     "tpu_train.sh": (

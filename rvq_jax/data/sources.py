@@ -309,14 +309,14 @@ class FolderSource(ImageSource):
 def tfds_prepare_instructions(name: str, data_dir: str | None,
                               manual_dir: str | None) -> str:
   """The steps that prepare a TFDS data set for random access (array_record)."""
-  command = f"tfds build {name} --file_format=array_record"
+  command = f"python -m rvq_jax.tools.prepare_tfds --name={name}"
   if data_dir:
     command += f" --data_dir={data_dir}"
   if manual_dir:
     command += f" --manual_dir={manual_dir}"
   return ("Prepare it once (any machine with internet for automatic downloads, or with "
-          "the manually downloaded files for manual datasets; building needs "
-          "`pip install tensorflow`), then copy the prepared folder to the data_dir:\n"
+          "the manually downloaded files for manual datasets; building needs TensorFlow, "
+          "which requirements.txt installs), then copy the prepared folder to the data_dir:\n"
           f"    {command}\n"
           "rvq_jax reads with tfds.data_source (random access), which needs the "
           "array_record file format; it never downloads or prepares data itself.")
@@ -327,8 +327,8 @@ class TfdsSource(ImageSource):
 
   TensorFlow is not needed to read (the array_record reader and PIL decode), only to
   prepare. Nothing is downloaded: `download=False`, and a data set that is not
-  prepared is a ValueError naming the data set, the data_dir and the `tfds build`
-  command that prepares it.
+  prepared is a ValueError naming the data set, the data_dir and the command
+  (`python -m rvq_jax.tools.prepare_tfds`) that prepares it.
 
   Args:
     name: builder name with optional config and version, e.g. 'celeb_a_hq/256'.
