@@ -28,8 +28,9 @@ CASES = {
         ["--project=p", "--zone=z"], "--tpu-name (or RVQ_TPU_NAME)"),
     "prepare_data.sh": (
         TPU + ["--bucket=b"],
-        ["--worker=0", "gcloud storage cp -r gs://b/manual/celeb_a_hq/", "rvq_jax.tools.prepare_tfds",
-         "array_record", "celeb_a_hq/256", "gs://b/tfds/"],
+        ["--worker=0", "gcloud storage cp -r gs://b/manual/celeb_a_hq/",
+         "cd rvq_jax; python3 -m rvq_jax.tools.prepare_tfds --name=celeb_a_hq/256",
+         "--manual_dir=~/tfds_manual", "gs://b/tfds/"],
         TPU, "--bucket (or RVQ_BUCKET)"),
     "tpu_train.sh": (
         TPU + ["--config=configs/celebahq.py:fq", "--workdir=gs://b/runs/x", "--follow", "--",
