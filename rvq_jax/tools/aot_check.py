@@ -157,7 +157,8 @@ def _with_sharding(tree: Any, sharding_for) -> Any:
       tree)
 
 
-def _memory(compiled) -> dict[str, int]:
+def compiled_memory(compiled) -> dict[str, int]:
+  """Per-device bytes of a compiled program (XLA's buffer assignment)."""
   stats = compiled.memory_analysis()
   if stats is None:  # Some backends do not report; say so rather than print zeros.
     raise RuntimeError("this backend reports no memory analysis for compiled programs.")
@@ -171,7 +172,8 @@ def _memory(compiled) -> dict[str, int]:
   return numbers
 
 
-def _flops(compiled) -> float:
+def compiled_flops(compiled) -> float:
+  """FLOPs of one call of a compiled program, per device (XLA's cost analysis)."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # Older JAX: one dict per program.
     cost = cost[0] if cost else {}
@@ -240,8 +242,8 @@ def check(config, *, stage_name: str | None = None, mesh_shape: Sequence[int] | 
       compiled = step_fn.lower(abstract_state, constants, batch, key, step_arg).compile()
       reports.append(StepReport(
           stage=stage_name, phase=repr(phase), mesh=dict(mesh.shape), platform=platform,
-          num_devices=mesh.devices.size, global_batch=batch_size, flops=_flops(compiled),
-          **_memory(compiled)))
+          num_devices=mesh.devices.size, global_batch=batch_size, flops=compiled_flops(compiled),
+          **compiled_memory(compiled)))
   return reports
 
 
