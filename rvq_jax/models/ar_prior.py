@@ -39,6 +39,7 @@ from flax import nnx
 from rvq_jax import ops
 from rvq_jax.models import partitioning
 from rvq_jax.models.conditioning import ConditionEmbedding
+from rvq_jax.models.token_layout import TokenLayout
 from rvq_jax.models.transformer import Transformer
 
 _EMBED_STDDEV = 0.02
@@ -72,9 +73,8 @@ class ARPrior(nnx.Module):
       raise ValueError(f"width {width} is not divisible by num_heads {num_heads}.")
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
-    grid_size = tuple(grid_size)
-    if len(grid_size) != 2 or any(not isinstance(g, int) or g < 1 for g in grid_size):
-      raise ValueError(f"grid_size must be two positive ints, got {grid_size!r}.")
+    self.layout = TokenLayout(vocab_size, num_subtokens, grid_size)
+    grid_size = self.layout.grid_size
     self.vocab_size = vocab_size
     self.num_subtokens = num_subtokens
     self.grid_size = grid_size
@@ -119,19 +119,11 @@ class ARPrior(nnx.Module):
 
   def token_shape(self) -> tuple[int, ...]:
     """One sequence's shape: (L,) or (L, M)."""
-    return (self.length,) if self.num_subtokens == 1 else (self.length, self.num_subtokens)
+    return self.layout.token_shape()
 
   def _check_tokens(self, tokens: jax.Array) -> jax.Array:
     """tokens [B, L] or [B, L, M] → [B, L, M] int32; ValueError on a shape mismatch."""
-    shape = jnp.shape(tokens)
-    if len(shape) != 1 + len(self.token_shape()) or tuple(shape[1:]) != self.token_shape():
-      raise ValueError(f"tokens must be [B, {', '.join(map(str, self.token_shape()))}] "
-                       f"(grid {self.grid_size}, num_subtokens {self.num_subtokens}), "
-                       f"got shape {tuple(shape)}.")
-    if not jnp.issubdtype(jnp.asarray(tokens).dtype, jnp.integer):
-      raise ValueError(f"tokens must be integer ids, got {jnp.asarray(tokens).dtype}.")
-    tokens = jnp.asarray(tokens, jnp.int32)
-    return tokens.reshape(shape[0], self.length, self.num_subtokens)
+    return self.layout.check_tokens(tokens)
 
   # ------------------------------------------------------------------ network
 

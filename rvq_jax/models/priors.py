@@ -7,35 +7,13 @@ tokenizer it models.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import ml_collections
 from flax import nnx
 
 from rvq_jax.models.ar_prior import ARPrior
 from rvq_jax.models.diffusion_prior import DiffusionPrior
+from rvq_jax.models.token_layout import TokenLayout
 from rvq_jax.models.tokenizer import FACTORIZED_KINDS
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenLayout:
-  """What a prior models: `grid_size` positions with `num_subtokens` tokens of K codes."""
-
-  vocab_size: int
-  num_subtokens: int
-  grid_size: tuple[int, int]
-
-  @property
-  def length(self) -> int:
-    return self.grid_size[0] * self.grid_size[1]
-
-  def token_shape(self) -> tuple[int, ...]:
-    """A sequence's shape without the batch axis: (L,) or (L, M)."""
-    return (self.length,) if self.num_subtokens == 1 else (self.length, self.num_subtokens)
-
-  def grid_shape(self) -> tuple[int, ...]:
-    """The tokenizer's token grid without the batch axis: (h, w) or (h, w, M)."""
-    return self.grid_size + ((self.num_subtokens,) if self.num_subtokens > 1 else ())
 
 
 def token_layout(config: ml_collections.ConfigDict) -> TokenLayout:
