@@ -53,22 +53,11 @@ def _set_up_jax(devices: int):
 
 
 def tiny_config(num_steps: int, mesh_shape):
-  """tests/test_tokenizer_training.py's tiny Reg-VQ tokenizer, perceptual losses off."""
+  """The shared tiny Reg-VQ tokenizer; no GAN phase, so one compiled step variant keeps
+  the multi-process compiles short."""
   from rvq_jax import config as config_lib
-  config = config_lib.base_config()
-  config.data.update(image_size=16, num_workers=1, embedded_train_crops_per_photo=8,
-                     embedded_eval_crops_per_photo=4)
-  config.model.update(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                      z_channels=32)
-  config.quantizer.update(num_codes=16, code_dim=8)
-  config_lib.apply_quantizer_kind(config, "regvq")
-  # No GAN phase: one compiled step variant keeps the multi-process compiles short.
-  config.loss.update(perceptual_weight=0.0, pcl_weight=0.0, random_pretrained=True,
-                     disc_start=10**9, disc_layers=2, disc_channels=32)
-  config.train.update(batch_size=8, num_steps=num_steps, log_every=1, checkpoint_every=100,
-                      eval_every=0, summary_every=0)
-  config.eval.update(batch_size=8, num_batches=1)
-  config.mesh.shape = tuple(mesh_shape)
+  from tests import tiny_configs
+  config = tiny_configs.tiny_config("regvq", num_steps=num_steps, mesh_shape=mesh_shape)
   config_lib.validate(config)
   return config
 

@@ -96,6 +96,7 @@ def test_frechet_distance_rejects_mismatched_shapes_and_non_covariances():
     fid_lib.frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
 
 
+@pytest.mark.slow  # SciPy's sqrtm of a 2048 × 2048 product: minutes on a 2-core CPU.
 def test_frechet_distance_at_inception_size_matches_sqrtm():
   """2048 dimensions, the real size: equal to pytorch-fid's sqrtm route."""
   rng = np.random.default_rng(3)

@@ -1,5 +1,4 @@
 """Properties of the pure quantizer ops, each against an independent reference."""
-import functools
 import math
 
 import jax

@@ -4,13 +4,13 @@ from a file equal tokens made on the fly, class conditions with guidance, eval a
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
 
 from rvq_jax import config as config_lib
+from tests import tiny_configs
 from rvq_jax.models.tokenizer import Tokenizer
 from rvq_jax.train import inference, loop, prior_inference, stages
 from rvq_jax.train.prior_stage import PriorStage
@@ -32,20 +32,11 @@ def _class_folder(root, num_classes=2, per_class=8, size=16):
 
 
 def tiny_config(kind="regvq", *, condition="none", data_path="", **train):
-  config = config_lib.base_config()
+  config = tiny_configs.tiny_config(kind, num_steps=1)
   if data_path:
     config.data.update(source="folder", path=data_path, eval_path=data_path,
                        class_labels=condition == "class")
-  config.data.update(image_size=16, num_workers=1, embedded_train_crops_per_photo=8,
-                     embedded_eval_crops_per_photo=4)
-  config.model.update(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(),
-                      z_channels=32, adapter_depth=1, adapter_heads=2)
-  config.quantizer.update(num_codes=16, code_dim=8)
-  config_lib.apply_quantizer_kind(config, kind)
-  config.loss.update(perceptual_weight=0.0, pcl_weight=0.0, disc_start=100)
-  config.train.update(batch_size=8, num_steps=1, log_every=1, checkpoint_every=1,
-                      eval_every=0, summary_every=0)
-  config.eval.update(batch_size=8, num_batches=1)
+  config.train.checkpoint_every = 1
   config.prior.update(condition=condition, num_classes=2 if condition != "none" else 0)
   for name in PRIORS:
     prior = config[name]
@@ -56,7 +47,6 @@ def tiny_config(kind="regvq", *, condition="none", data_path="", **train):
     prior.eval.update(batch_size=8, num_batches=1)
     prior.sample.num_samples = 4
   config.diffusion.num_timesteps = 8
-  config.mesh.shape = (1, 1, 1)
   config_lib.validate(config)
   return config
 

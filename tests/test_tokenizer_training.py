@@ -10,29 +10,19 @@ import pytest
 from PIL import Image
 
 from rvq_jax import config as config_lib
+from tests import tiny_configs
 from rvq_jax.train import inference, loop
 from rvq_jax.train.tokenizer_stage import TokenizerStage
 
 
 def tiny_config(kind="regvq", **train):
-  config = config_lib.base_config()
-  config.data.update(image_size=16, num_workers=1, embedded_train_crops_per_photo=8,
-                     embedded_eval_crops_per_photo=4)
-  config.model.update(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                      z_channels=32, adapter_depth=1, adapter_heads=2)
-  config.quantizer.update(num_codes=16, code_dim=8)
-  config_lib.apply_quantizer_kind(config, kind)
-  config.loss.update(perceptual_weight=0.5, pcl_weight=0.1, random_pretrained=True,
-                     pcl_num_locations=8, disc_start=0, disc_layers=2, disc_channels=32)
+  config = tiny_configs.tiny_config(kind)
+  config.loss.update(perceptual_weight=0.5, pcl_weight=0.1, pcl_num_locations=8, disc_start=0)
   if kind in ("fq", "regfq"):
     config.loss.update(representation_weight=0.5, teacher_resolution=32)
     config.model.update(representation_head_width=32, representation_head_blocks=1,
                         representation_head_heads=2)
-  config.train.update(batch_size=8, num_steps=2, log_every=1, checkpoint_every=1,
-                      eval_every=0, summary_every=0)
-  config.train.update(**train)
-  config.eval.update(batch_size=8, num_batches=1)
-  config.mesh.shape = (1, 1, 1)
+  config.train.update(checkpoint_every=1, **train)
   config_lib.validate(config)
   return config
 

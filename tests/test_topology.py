@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from rvq_jax import config as config_lib
+from tests import tiny_configs
 from rvq_jax.train import loop
 from rvq_jax.train.tokenizer_stage import TokenizerStage
 
@@ -20,20 +21,9 @@ TARGET_MESHES = {"4_devices": (4, 1, 1), "1_device": (1, 1, 1), "data2_fsdp4": (
 
 
 def tiny_config(mesh_shape, num_steps):
-  config = config_lib.base_config()
-  config.data.update(image_size=16, num_workers=1, embedded_train_crops_per_photo=8,
-                     embedded_eval_crops_per_photo=4)
-  config.model.update(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                      z_channels=32)
-  config.quantizer.update(num_codes=16, code_dim=8)
   # Stochastic quantization on (Reg-VQ's masked Gumbel sampling), so the random keys
   # after the restore must match too; the GAN phase would only add compile time.
-  config.loss.update(perceptual_weight=0.0, pcl_weight=0.0, random_pretrained=True,
-                     disc_start=10**9, disc_layers=2, disc_channels=32)
-  config.train.update(batch_size=8, num_steps=num_steps, log_every=1, checkpoint_every=100,
-                      eval_every=0, summary_every=0)
-  config.eval.update(batch_size=8, num_batches=1)
-  config.mesh.shape = tuple(mesh_shape)
+  config = tiny_configs.tiny_config("regvq", num_steps=num_steps, mesh_shape=mesh_shape)
   config_lib.validate(config)
   return config
 
