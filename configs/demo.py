@@ -32,8 +32,8 @@ def get_config(arg: str | None = None):
   for prior in (config.ar, config.diffusion):
     prior.model.update(width=128, depth=4, num_heads=4)
     prior.optim.update(learning_rate=1e-3, warmup_steps=20)
-    prior.train.update(batch_size=16, num_steps=300, log_every=25, checkpoint_every=100,
-                       eval_every=150, summary_every=150)
+    prior.train.update(batch_size=16, num_steps=500, log_every=25, checkpoint_every=250,
+                       eval_every=250, summary_every=250)
     prior.eval.update(batch_size=16, num_batches=2)
     prior.sample.num_samples = 16
   config.diffusion.num_timesteps = 50
