@@ -25,7 +25,10 @@ def get_config(arg: str | None = None):
   # Taming's face VQGAN (f = 16, 16×16 tokens) and Reg-VQ's K = 1024, d = 256, r = 0.4.
   config.model.update(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
                       attn_resolutions=(16,), z_channels=256, dropout=0.0)
-  config.quantizer.update(kind="regvq", num_codes=1024, code_dim=256, mask_ratio=0.4)
+  # λ_kl, τ and the PCL weight are not in the paper: λ_kl = 0.1 and τ = 1 are kept by the
+  # codebook study (docs/results/codebook_study.md); PCL 0.1 is untested there (no VGG-19).
+  config.quantizer.update(kind="regvq", num_codes=1024, code_dim=256, mask_ratio=0.4,
+                          prior_kl_weight=0.1, temperature_start=1.0, temperature_end=1.0)
   config.loss.update(perceptual_weight=1.0, pcl_weight=0.1, disc_start=30001,
                      disc_weight=0.8)
   # Taming scales a base rate of 4.5e-6 by the batch size; Adam(0.5, 0.9).

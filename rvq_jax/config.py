@@ -63,9 +63,13 @@ def base_config() -> ml_collections.ConfigDict:
       kl_weight=5e-4,
       # Reg-VQ
       mask_ratio=0.4,
-      prior_kl_weight=0.1,   # provisional: the paper gives none (see the codebook study)
+      # λ_kl: the paper gives none. 0.1 kept by the codebook study: usage 15/32/61/80 % at
+      # λ_kl 0/0.01/0.1/1 for −0.2/−0.5 dB PSNR (docs/results/codebook_study.md).
+      prior_kl_weight=0.1,
       per_position_kl_weight=0.0,
       logits="projection",
+      # τ: constant 1.0, as in the authors' code. The codebook study's τ = 0.5 used more
+      # codes, but τ also scales the prior KL (a sharper p̄), so it is kept.
       temperature_start=1.0,
       temperature_end=1.0,
       temperature_anneal_steps=0,
@@ -78,7 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
       l1_weight=1.0,
       perceptual_weight=1.0,
       lpips_weights="",      # .npz from convert_weights ('' = $RVQ_JAX_WEIGHTS_DIR/vgg16_lpips.npz)
-      pcl_weight=0.0,        # Reg-VQ's probabilistic contrastive loss (needs VGG-19 weights)
+      # Reg-VQ's probabilistic contrastive loss (needs VGG-19 weights). A sum over sampled
+      # locations and 5 layers: ~10³ early on in the codebook study's probe (random VGG-19)
+      # against an L1 of ~1, so weigh it against l1_weight.
+      pcl_weight=0.0,
       pcl_tau=0.07,
       pcl_num_locations=256,
       pcl_eps=1e-6,
@@ -205,7 +212,12 @@ def parse_arg(arg: str | None) -> dict:
 def apply_quantizer_kind(config: ml_collections.ConfigDict, kind: str) -> None:
   """Switches the quantizer with the settings each kind is defined with."""
   config.quantizer.kind = kind
-  if kind == "fq":
+  if kind == "gumbel":
+    # Taming's GumbelQuantize: τ annealed by cosine 0.9 → 1e-6 over ~1e6 steps (the
+    # base config's constant τ = 1 is Reg-VQ's).
+    config.quantizer.update(temperature_start=0.9, temperature_end=1e-6,
+                            temperature_anneal_steps=1_000_000)
+  elif kind == "fq":
     # FQGAN: cosine codes of width 8, entropy loss 0.03 on −d/0.01.
     config.quantizer.update(code_dim=8, normalize=True, entropy_weight=0.03)
   elif kind == "regfq":

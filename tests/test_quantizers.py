@@ -166,6 +166,8 @@ def test_gumbel_samples_every_position_with_per_position_kl():
   z = _features("gumbel")
   out = quantizer(z, key=jax.random.key(7), step=0)
   assert np.asarray(out.aux["mask"]).all()
+  # Taming's full L1: every position counts as reconstructed, sampled or not.
+  assert np.asarray(out.aux["deterministic_region"]).all()
   np.testing.assert_allclose(float(out.stats["temperature"]), 0.9, rtol=1e-6)
   probs, _ = _tempered_probs(quantizer, z, tau=0.9)
   per_position = math.log(K) + np.sum(probs * np.log(probs), -1)
