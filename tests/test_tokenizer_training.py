@@ -22,7 +22,8 @@ def tiny_config(kind="regvq", **train):
     config.loss.update(representation_weight=0.5, teacher_resolution=32)
     config.model.update(representation_head_width=32, representation_head_blocks=1,
                         representation_head_heads=2)
-  config.train.update(checkpoint_every=1, **train)
+  config.train.checkpoint_every = 1
+  config.train.update(**train)
   config_lib.validate(config)
   return config
 

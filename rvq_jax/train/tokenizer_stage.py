@@ -255,12 +255,12 @@ class TokenizerStage:
           discriminator_loss, has_aux=True)(disc_params)
       container.d_optimizer.update(container.discriminator, d_grads)
       metrics.update(d_loss=d_loss, logits_real=real_mean, logits_fake=fake_mean,
-                     d_grad_norm=optax.global_norm(d_grads))
+                     d_grad_norm=optax.tree.norm(d_grads))
 
     if container.ema_model is not None:
       ema_update(container.ema_model, container.model, self.config.train.ema_decay)
 
-    metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
+    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=self.lr_schedule(step), **terms, **stats)
     return metrics
 
