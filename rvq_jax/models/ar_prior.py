@@ -39,7 +39,7 @@ from flax import nnx
 from rvq_jax import ops
 from rvq_jax.models import partitioning
 from rvq_jax.models.conditioning import ConditionEmbedding
-from rvq_jax.models.token_layout import TokenLayout
+from rvq_jax.models.token_layout import TokenLayout, TokenSequenceModel
 from rvq_jax.models.transformer import Transformer
 
 _EMBED_STDDEV = 0.02
@@ -54,7 +54,7 @@ def _compute_dtype(dtype: Any):
   return dtype
 
 
-class ARPrior(nnx.Module):
+class ARPrior(TokenSequenceModel, nnx.Module):
   """GPT prior p(tokens | condition) over raster-order (sub-)tokens."""
 
   def __init__(self, *, vocab_size: int, num_subtokens: int = 1,
@@ -62,30 +62,17 @@ class ARPrior(nnx.Module):
                width: int = 512, depth: int = 12, num_heads: int = 8, mlp_ratio: int = 4,
                dropout: float = 0.0, subtoken_depth: int = 1, dtype: Any = "float32",
                rngs: nnx.Rngs):
-    for name, value in (("vocab_size", vocab_size), ("num_subtokens", num_subtokens),
-                        ("width", width), ("depth", depth), ("num_heads", num_heads),
-                        ("mlp_ratio", mlp_ratio), ("subtoken_depth", subtoken_depth)):
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    # Sizes, heads and dropout are checked by TokenLayout and the Transformer.
     if vocab_size < 2:
       raise ValueError(f"vocab_size must be >= 2, got {vocab_size}.")
-    if width % num_heads:
-      raise ValueError(f"width {width} is not divisible by num_heads {num_heads}.")
-    if not 0.0 <= dropout < 1.0:
-      raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
     self.layout = TokenLayout(vocab_size, num_subtokens, grid_size)
-    grid_size = self.layout.grid_size
-    self.vocab_size = vocab_size
-    self.num_subtokens = num_subtokens
-    self.grid_size = grid_size
-    self.length = grid_size[0] * grid_size[1]
     self.width = width
     self.dropout = dropout
     self.dtype = _compute_dtype(dtype)
     kw = dict(dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
     init = nnx.initializers.normal(_EMBED_STDDEV)
     self.cond = ConditionEmbedding(condition, width, num_classes=num_classes,
-                                   grid_size=grid_size, **kw)
+                                   grid_size=self.grid_size, **kw)
     self.prefix_length = self.cond.prefix_length
     self.tok_embed = partitioning.param(
         init(rngs.params(), (num_subtokens, vocab_size, width)), None, "vocab", "embed")
@@ -116,14 +103,6 @@ class ARPrior(nnx.Module):
   @property
   def condition_kind(self) -> str:
     return self.cond.kind
-
-  def token_shape(self) -> tuple[int, ...]:
-    """One sequence's shape: (L,) or (L, M)."""
-    return self.layout.token_shape()
-
-  def _check_tokens(self, tokens: jax.Array) -> jax.Array:
-    """tokens [B, L] or [B, L, M] → [B, L, M] int32; ValueError on a shape mismatch."""
-    return self.layout.check_tokens(tokens)
 
   # ------------------------------------------------------------------ network
 

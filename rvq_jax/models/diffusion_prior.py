@@ -44,7 +44,7 @@ from flax import nnx
 from rvq_jax import ops
 from rvq_jax.models import partitioning
 from rvq_jax.models.conditioning import ConditionEmbedding
-from rvq_jax.models.token_layout import TokenLayout
+from rvq_jax.models.token_layout import TokenLayout, TokenSequenceModel
 from rvq_jax.models.transformer import Transformer
 from rvq_jax.ops import diffusion
 
@@ -75,7 +75,7 @@ class DiffusionLossHistory(nnx.Variable):
   """Importance-sampling statistics (E[L_t²], counts per t): state, not a parameter."""
 
 
-class DiffusionPrior(nnx.Module):
+class DiffusionPrior(TokenSequenceModel, nnx.Module):
   """VQ-Diffusion prior p(tokens | condition) (see the module docstring)."""
 
   def __init__(self, *, vocab_size: int, num_subtokens: int = 1,
@@ -84,25 +84,12 @@ class DiffusionPrior(nnx.Module):
                num_heads: int = 8, mlp_ratio: int = 4, dropout: float = 0.0,
                aux_weight: float = 5e-4, adaptive_aux_weight: bool = True,
                dtype: Any = "float32", rngs: nnx.Rngs):
-    for name, value in (("vocab_size", vocab_size), ("num_subtokens", num_subtokens),
-                        ("width", width), ("depth", depth), ("num_heads", num_heads),
-                        ("mlp_ratio", mlp_ratio)):
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    # Sizes, heads and dropout are checked by TokenLayout and the Transformer.
     if not isinstance(num_timesteps, int) or num_timesteps < 2:
       raise ValueError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}.")
-    if width % num_heads:
-      raise ValueError(f"width {width} is not divisible by num_heads {num_heads}.")
-    if not 0.0 <= dropout < 1.0:
-      raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
     if not aux_weight >= 0.0:
       raise ValueError(f"aux_weight must be >= 0, got {aux_weight}.")
     self.layout = TokenLayout(vocab_size, num_subtokens, grid_size)
-    grid_size = self.layout.grid_size
-    self.vocab_size = vocab_size
-    self.num_subtokens = num_subtokens
-    self.grid_size = grid_size
-    self.length = grid_size[0] * grid_size[1]
     self.num_timesteps = num_timesteps
     self.width = width
     self.aux_weight = float(aux_weight)
@@ -111,7 +98,7 @@ class DiffusionPrior(nnx.Module):
     kw = dict(dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
     init = nnx.initializers.normal(_EMBED_STDDEV)
     self.cond = ConditionEmbedding(condition, width, num_classes=num_classes,
-                                   grid_size=grid_size, **kw)
+                                   grid_size=self.grid_size, **kw)
     self.prefix_length = self.cond.prefix_length
     # K + 1 rows per sub-token: the codes and [MASK].
     self.tok_embed = partitioning.param(
@@ -142,14 +129,6 @@ class DiffusionPrior(nnx.Module):
   def schedule(self) -> diffusion.DiffusionSchedule:
     """The forward process (constants; rebuilt per trace, folded into the program)."""
     return ops.make_schedule(self.num_timesteps, self.vocab_size)
-
-  def token_shape(self) -> tuple[int, ...]:
-    """One sequence's shape: (L,) or (L, M)."""
-    return self.layout.token_shape()
-
-  def _check_tokens(self, tokens: jax.Array) -> jax.Array:
-    """tokens [B, L] or [B, L, M] → [B, L, M] int32; ValueError on a shape mismatch."""
-    return self.layout.check_tokens(tokens)
 
   def _output(self, tokens: jax.Array) -> jax.Array:
     """[B, L, M] → the caller's layout, [B, L] when M = 1."""

@@ -48,3 +48,34 @@ class TokenLayout:
     if not jnp.issubdtype(jnp.asarray(tokens).dtype, jnp.integer):
       raise ValueError(f"tokens must be integer ids, got {jnp.asarray(tokens).dtype}.")
     return jnp.asarray(tokens, jnp.int32).reshape(shape[0], self.length, self.num_subtokens)
+
+
+class TokenSequenceModel:
+  """What both priors share about their input, from `self.layout` (a TokenLayout):
+  vocab_size, num_subtokens, grid_size, length, token_shape() and the token check."""
+
+  layout: TokenLayout
+
+  @property
+  def vocab_size(self) -> int:
+    return self.layout.vocab_size
+
+  @property
+  def num_subtokens(self) -> int:
+    return self.layout.num_subtokens
+
+  @property
+  def grid_size(self) -> tuple[int, int]:
+    return self.layout.grid_size
+
+  @property
+  def length(self) -> int:
+    return self.layout.length
+
+  def token_shape(self) -> tuple[int, ...]:
+    """One sequence's shape: (L,) or (L, M)."""
+    return self.layout.token_shape()
+
+  def _check_tokens(self, tokens: jax.Array) -> jax.Array:
+    """tokens [B, L] or [B, L, M] → [B, L, M] int32; ValueError on a shape mismatch."""
+    return self.layout.check_tokens(tokens)
