@@ -25,7 +25,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 from flax import nnx
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_samplers(args) -> dict:
-  """name → a zero-argument function drawing one batch of tokens (blocks until done)."""
+  """({name: zero-argument function drawing one batch of tokens, blocking until done},
+  {'ar' | 'diffusion': parameter count})."""
   common = dict(vocab_size=args.vocab, grid_size=(args.grid, args.grid), width=args.width,
                 depth=args.depth, num_heads=args.heads, rngs=nnx.Rngs(0))
   ar = ARPrior(**common)
@@ -146,5 +146,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  np.set_printoptions(precision=3)
   sys.exit(main())

@@ -40,6 +40,7 @@ if _REPO not in sys.path:
 
 from benchmarks.common import environment  # noqa: E402
 from configs import celebahq, demo  # noqa: E402
+from rvq_jax import config as config_lib  # noqa: E402
 from rvq_jax import parallel  # noqa: E402
 from rvq_jax.models.tokenizer import Tokenizer  # noqa: E402
 from rvq_jax.tools import aot_check  # noqa: E402
@@ -120,7 +121,7 @@ def measure_stage(config, stage_name: str, num_steps: int) -> dict:
   loop_config = loop.loop_config_from(config, stage_name)
   mesh = parallel.make_mesh((1, 1, 1), loop_config.mesh_axes)
   graphdef, state_shardings, _ = loop._abstract_state(stage, loop_config, mesh)  # pylint: disable=protected-access
-  batch_size = (config if stage_name == "tokenizer" else config[stage_name]).train.batch_size
+  batch_size = config_lib.stage_settings(config, stage_name).train.batch_size
   with jax.set_mesh(mesh):
     state = jax.jit(lambda: nnx.state(stage.create(nnx.Rngs(0))),
                     out_shardings=state_shardings)()

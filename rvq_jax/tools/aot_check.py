@@ -122,8 +122,8 @@ def build_stage(config, name: str):
 
 
 def _train_batch_size(config, name: str) -> int:
-  # The tokenizer's settings live in config.train, a prior's in config.<name>.train.
-  return (config if name == "tokenizer" else config[name]).train.batch_size
+  from rvq_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  return config_lib.stage_settings(config, name).train.batch_size
 
 
 def abstract_batch(stage, config, global_batch: int) -> dict:

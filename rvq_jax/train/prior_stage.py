@@ -143,7 +143,6 @@ class PriorStage:
       for batch_index, batch in enumerate(iterator):
         if batch_index >= self.settings.eval.num_batches:
           break
-        batch.pop("image", None) if "tokens" in batch else None
         yield batch
 
   # ------------------------------------------------------------------ inputs
