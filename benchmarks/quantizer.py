@@ -49,7 +49,7 @@ if _REPO not in sys.path:
 
 from benchmarks.common import environment, usable_cores  # noqa: E402
 from rvq_jax import ops  # noqa: E402
-from rvq_jax.models.quantizers import build_quantizer  # noqa: E402
+from rvq_jax.models.tokenizer.quantizers import build_quantizer  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30

@@ -32,8 +32,8 @@ if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
 from benchmarks.common import environment  # noqa: E402
-from rvq_jax.models.ar_prior import ARPrior  # noqa: E402
-from rvq_jax.models.diffusion_prior import DiffusionPrior  # noqa: E402
+from rvq_jax.models.priors.ar import ARPrior  # noqa: E402
+from rvq_jax.models.priors.diffusion import DiffusionPrior  # noqa: E402
 
 CACHE_TARGET = 5.0       # AR with the KV cache ≥ 5× faster than recomputation
 DIFFUSION_TARGET = 1.0   # diffusion at T/4 steps faster per image than AR (ratio > 1)

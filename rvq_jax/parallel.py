@@ -1,7 +1,7 @@
 """The device mesh and the mapping of logical parameter axes onto it.
 
 One mesh per run, axes ('data', 'fsdp', 'model') by default. Parameters carry logical
-axis names (see `rvq_jax.models.partitioning`); rules map each name to mesh axes.
+axis names (see `rvq_jax.models.layers.partitioning`); rules map each name to mesh axes.
 A dimension that the mapped mesh axes do not divide evenly is replicated instead, so a
 small layer never makes a configuration unshardable. Batches split over ('data', 'fsdp').
 """

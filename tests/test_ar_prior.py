@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from rvq_jax import parallel
-from rvq_jax.models.ar_prior import ARPrior
+from rvq_jax.models.priors.ar import ARPrior
 
 K, GRID, L = 16, (4, 4), 16
 TINY = dict(vocab_size=K, grid_size=GRID, width=32, depth=2, num_heads=4)

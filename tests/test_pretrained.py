@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rvq_jax.models import lpips as lpips_lib
+from rvq_jax.models.pretrained import lpips as lpips_lib
 from rvq_jax.models import pretrained
-from rvq_jax.models import vgg
+from rvq_jax.models.pretrained import vgg
 from rvq_jax.tools import convert_weights
 
 # torchvision's `cfgs` (independent of the code under test): channels, "M" = max pool.

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from rvq_jax import ops, parallel
-from rvq_jax.models.quantizers import (QUANTIZER_KINDS, EMAState, FactorizedQuantizer,
+from rvq_jax.models.tokenizer.quantizers import (QUANTIZER_KINDS, EMAState, FactorizedQuantizer,
                                        GumbelQuantizer, RegularizedQuantizer,
                                        TemperatureSchedule, VectorQuantizer, build_quantizer)
 

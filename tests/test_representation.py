@@ -16,7 +16,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rvq_jax import parallel
 from rvq_jax.models import pretrained
-from rvq_jax.models import representation
+from rvq_jax.models.pretrained import teachers
+from rvq_jax.models.tokenizer import representation_head
+from rvq_jax.train import tokenizer_losses
 from rvq_jax.ops.info_nce import info_nce
 
 # The smallest image that reaches VGG's block 5 (1×1 there): keeps the teacher cheap.
@@ -36,7 +38,7 @@ def _numpy_info_nce(student, teacher, temperature):
 
 
 def _head(target_dim=None, dtype=jnp.float32, seed=0):
-  return representation.FeaturePredictionHead(
+  return representation_head.FeaturePredictionHead(
       CODE_DIM, HEAD_WIDTH, num_blocks=2, num_heads=4, grid_size=GRID,
       target_dim=target_dim, dtype=dtype, rngs=nnx.Rngs(seed))
 
@@ -47,7 +49,7 @@ def built_teacher():
 
   Tests must not modify it; those that need their own copy load one from `teacher_file`.
   """
-  return representation.build_teacher("vgg16", resolution=TEACHER_RESOLUTION,
+  return teachers.build_teacher("vgg16", resolution=TEACHER_RESOLUTION,
                                       rngs=nnx.Rngs(1))
 
 
@@ -62,7 +64,7 @@ def teacher_file(built_teacher, tmp_path_factory):
 
 
 def _teacher(path, dtype=jnp.float32):
-  return representation.load_teacher("vgg16", path, resolution=TEACHER_RESOLUTION,
+  return teachers.load_teacher("vgg16", path, resolution=TEACHER_RESOLUTION,
                                      dtype=dtype)
 
 
@@ -175,9 +177,9 @@ def test_head_output_shape_and_logical_axis_names():
 
 def test_teacher_is_frozen_and_satisfies_the_protocol(built_teacher):
   teacher = built_teacher
-  assert isinstance(teacher, representation.Teacher)
+  assert isinstance(teacher, teachers.Teacher)
   assert teacher.feature_dim == 512 and teacher.layer == "relu5_3"
-  vgg19 = nnx.eval_shape(lambda: representation.build_teacher("vgg19", rngs=nnx.Rngs(0)))
+  vgg19 = nnx.eval_shape(lambda: teachers.build_teacher("vgg19", rngs=nnx.Rngs(0)))
   assert vgg19.layer == "relu5_4" and vgg19.resolution == 224
   assert len(nnx.state(teacher, nnx.Param)) == 0
   weights = nnx.to_flat_state(nnx.state(teacher))
@@ -187,26 +189,26 @@ def test_teacher_is_frozen_and_satisfies_the_protocol(built_teacher):
   features = teacher(images)
   assert features.shape == (2, 512) and features.dtype == jnp.float32
   with pytest.raises(ValueError, match="no layer 'relu6_1'"):
-    representation.VGGGlobalTeacher(teacher.backbone, layer="relu6_1")
+    teachers.VGGGlobalTeacher(teacher.backbone, layer="relu6_1")
   with pytest.raises(ValueError, match="Unknown teacher 'clip'"):
-    representation.build_teacher("clip", rngs=nnx.Rngs(0))
+    teachers.build_teacher("clip", rngs=nnx.Rngs(0))
 
 
 def test_resize_images():
   images = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 4, 3)
-  resized = representation.resize_images(images, 8)
+  resized = teachers.resize_images(images, 8)
   assert resized.shape == (2, 8, 8, 3)
   # Nearest: every output pixel is an input pixel (each repeated 2×2 here).
   np.testing.assert_array_equal(resized[:, ::2, ::2], images)
   np.testing.assert_array_equal(resized[:, 1::2, 1::2], images)
-  assert representation.resize_images(images, None) is images
-  assert representation.resize_images(images, 4) is images
+  assert teachers.resize_images(images, None) is images
+  assert teachers.resize_images(images, 4) is images
 
 
 def test_missing_teacher_file_names_file_and_converter_command(tmp_path):
   missing = tmp_path / "nowhere" / "vgg16.npz"
   with pytest.raises(FileNotFoundError) as error:
-    representation.load_teacher("vgg16", missing)
+    teachers.load_teacher("vgg16", missing)
   message = str(error.value)
   assert str(missing) in message
   assert "python -m rvq_jax.tools.convert_weights --network vgg16" in message
@@ -223,7 +225,7 @@ def test_load_teacher_round_trips_saved_weights(teacher_file, tmp_path):
   kernel.set_value(kernel.get_value() + 1.0)
   path = tmp_path / "vgg16.npz"
   pretrained.save_params(teacher.backbone, path)
-  loaded = representation.load_teacher("vgg16", str(path), resolution=TEACHER_RESOLUTION)
+  loaded = teachers.load_teacher("vgg16", str(path), resolution=TEACHER_RESOLUTION)
   original_arrays = pretrained.module_arrays(teacher)
   loaded_arrays = pretrained.module_arrays(loaded)
   assert original_arrays.keys() == loaded_arrays.keys()
@@ -234,14 +236,14 @@ def test_load_teacher_round_trips_saved_weights(teacher_file, tmp_path):
   # '' (the config default) means $RVQ_JAX_WEIGHTS_DIR/<kind>.npz.
   os.environ[pretrained.WEIGHTS_DIR_ENV_VAR] = str(tmp_path)
   try:
-    from_dir = representation.load_teacher("vgg16", "", resolution=TEACHER_RESOLUTION)
+    from_dir = teachers.load_teacher("vgg16", "", resolution=TEACHER_RESOLUTION)
   finally:
     del os.environ[pretrained.WEIGHTS_DIR_ENV_VAR]
   np.testing.assert_array_equal(pretrained.module_arrays(from_dir)["backbone.features.0.kernel"],
                                 original_arrays["backbone.features.0.kernel"])
   # A file for the other depth is rejected whole.
   with pytest.raises(pretrained.WeightMismatchError):
-    representation.load_teacher("vgg19", str(path), resolution=TEACHER_RESOLUTION)
+    teachers.load_teacher("vgg19", str(path), resolution=TEACHER_RESOLUTION)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -253,7 +255,7 @@ def test_representation_loss_gradients_reach_head_and_subcode_not_teacher(teache
   images, subcode = _batch()
 
   def loss_fn(head, teacher, subcode):
-    return representation.representation_loss(head, teacher, images, subcode)
+    return tokenizer_losses.representation_loss(head, teacher, images, subcode)
 
   # Jitted: an eager backward pass through VGG dispatches op by op and is far slower.
   grad_fn = nnx.jit(nnx.value_and_grad(
@@ -272,14 +274,14 @@ def test_representation_loss_gradients_reach_head_and_subcode_not_teacher(teache
   assert set(metrics) == {"representation_nce", "representation_cosine"}
   assert 0.0 <= float(loss) <= math.log(4) + 2.0
   with pytest.raises(ValueError, match="target_dim=512"):  # shapes only: no compute
-    nnx.eval_shape(lambda head: representation.representation_loss(
+    nnx.eval_shape(lambda head: tokenizer_losses.representation_loss(
         head, teacher, images, subcode), _head())
 
 
 def test_representation_loss_under_nnx_jit_in_bfloat16(teacher_file):
   images, subcode = _batch()
   step = nnx.jit(lambda head, teacher, images, subcode:
-                 representation.representation_loss(head, teacher, images, subcode,
+                 tokenizer_losses.representation_loss(head, teacher, images, subcode,
                                                     temperature=0.5))
   loss32, _ = step(_head(target_dim=512), _teacher(teacher_file), images, subcode)
   head16 = _head(target_dim=512, dtype=jnp.bfloat16)

@@ -13,10 +13,10 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from rvq_jax import parallel
-from rvq_jax.models import discriminator as disc_lib
-from rvq_jax.models import factorized_adapter
-from rvq_jax.models import gan_losses
-from rvq_jax.models import vqgan
+from rvq_jax.models.tokenizer import discriminator as disc_lib
+from rvq_jax.models.tokenizer import factorized_adapter
+from rvq_jax.ops import gan_losses
+from rvq_jax.models.tokenizer import vqgan
 
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16,
             z_channels=8)

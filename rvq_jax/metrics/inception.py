@@ -27,7 +27,7 @@ Outputs:
                    Inception Score code (improved-GAN, `softmax/logits/MatMul`) and
                    torch-fidelity use, so IS is computed from these.
 
-Key scheme (see `rvq_jax.models.pretrained`): the torch state-dict key with
+Key scheme (see `rvq_jax.models.pretrained.weights`): the torch state-dict key with
 `conv.weight` → `conv.kernel` (OIHW → HWIO), `bn.weight` → `bn.scale`, `bn.bias`,
 `bn.running_mean` → `bn.mean`, `bn.running_var` → `bn.var`, `fc.weight` → `fc.kernel`
 (transposed to [2048, 1008]), `fc.bias`; e.g. `Mixed_6b.branch7x7_2.conv.kernel`

@@ -43,9 +43,9 @@ import numpy as np
 from flax import nnx
 
 from rvq_jax.metrics import inception as inception_lib
-from rvq_jax.models import lpips as lpips_lib
+from rvq_jax.models.pretrained import lpips as lpips_lib
 from rvq_jax.models import pretrained
-from rvq_jax.models import vgg
+from rvq_jax.models.pretrained import vgg
 
 NETWORKS = ("vgg16_lpips", "vgg16", "vgg19", "inception_fid")
 

@@ -15,7 +15,7 @@ from PIL import Image
 from rvq_jax.data import factory as data_factory
 from rvq_jax.data.iterator import BatchIterator
 from rvq_jax.data.sources import FolderSource
-from rvq_jax.models.conditioning import downsample_label_map
+from rvq_jax.models.priors.conditioning import downsample_label_map
 from rvq_jax.train import loop
 from rvq_jax.train import reporting
 from rvq_jax.train.tokenizer_stage import TokenizerStage

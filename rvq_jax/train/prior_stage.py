@@ -21,8 +21,8 @@ from flax import nnx
 from rvq_jax.data import factory as data_factory
 from rvq_jax.data import token_arrays
 from rvq_jax.metrics import fid as fid_lib
-from rvq_jax.models.conditioning import downsample_label_map
-from rvq_jax.models.priors import build_prior, token_layout
+from rvq_jax.models.priors.conditioning import downsample_label_map
+from rvq_jax.models.priors.factory import build_prior, token_layout
 from rvq_jax.models.tokenizer import Tokenizer
 from rvq_jax.train import loop
 from rvq_jax.train import reporting

@@ -8,8 +8,11 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from rvq_jax import ops
+from rvq_jax.ops.divergences import AxisName
+from rvq_jax.ops.info_nce import info_nce, positive_cosine
 
 
 def upsample_tokens(token_map: jax.Array, height: int, width: int) -> jax.Array:
@@ -93,3 +96,46 @@ def adaptive_gan_weight(reconstruction_grad: jax.Array, gan_grad: jax.Array, *,
   gan_norm = jnp.linalg.norm(gan_grad.astype(jnp.float32))
   weight = jnp.clip(rec_norm / (gan_norm + 1e-4), 0.0, max_weight)
   return jax.lax.stop_gradient(weight) * disc_weight
+
+
+def representation_loss(
+    head: nnx.Module,
+    teacher: nnx.Module,
+    images: jax.Array,
+    subcode: jax.Array,
+    *,
+    temperature: float | jax.Array = 1.0,
+    axis_name: AxisName = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """FQGAN's semantic alignment loss for one sub-codebook (unweighted).
+
+  Args:
+    head: predicts the teacher feature from the sub-code.
+    teacher: frozen; its output is a constant target (stop-gradient).
+    images: [B, H, W, 3] in [-1, 1], the tokenizer's input images.
+    subcode: [B, h, w, code_dim], the quantized (straight-through) sub-code of the
+      branch being aligned.
+    temperature: InfoNCE temperature τ (FQGAN: 1).
+    axis_name: mapped batch axis inside `shard_map` (negatives from all devices); None
+      under `jax.jit`, where the batch is global already.
+
+  Returns:
+    (loss, metrics): loss a float32 scalar (multiply by `loss.representation_weight`);
+    metrics {'representation_nce': loss, 'representation_cosine': mean cosine of the
+    predicted and target features of the same image}.
+  """
+  if images.shape[0] != subcode.shape[0]:
+    raise ValueError(f"images and subcode have different batch sizes: "
+                     f"{tuple(images.shape)} and {tuple(subcode.shape)}.")
+  predicted = head(subcode)
+  target = jax.lax.stop_gradient(teacher(images))
+  if predicted.shape != target.shape:
+    raise ValueError(
+        f"head predicts features {tuple(predicted.shape)} but the teacher gives "
+        f"{tuple(target.shape)}: build the head with target_dim={target.shape[-1]}.")
+  loss = info_nce(predicted, target, temperature=temperature, axis_name=axis_name)
+  metrics = {
+      "representation_nce": loss,
+      "representation_cosine": positive_cosine(predicted, target, axis_name=axis_name),
+  }
+  return loss, metrics

@@ -16,12 +16,12 @@ from rvq_jax.data import factory as data_factory
 from rvq_jax.metrics import fid as fid_lib
 from rvq_jax.metrics import image_quality
 from rvq_jax.metrics import inception as inception_lib
-from rvq_jax.models import gan_losses
-from rvq_jax.models import lpips as lpips_lib
+from rvq_jax.ops import gan_losses
+from rvq_jax.models.pretrained import lpips as lpips_lib
 from rvq_jax.models import pretrained
-from rvq_jax.models import representation
-from rvq_jax.models import vgg
-from rvq_jax.models.discriminator import NLayerDiscriminator
+from rvq_jax.models.pretrained import teachers
+from rvq_jax.models.pretrained import vgg
+from rvq_jax.models.tokenizer.discriminator import NLayerDiscriminator
 from rvq_jax.models.tokenizer import Tokenizer
 from rvq_jax.train import reporting
 from rvq_jax.train import tokenizer_losses as losses_lib
@@ -108,11 +108,11 @@ class FrozenNetworks(nnx.Module):
     teacher = None
     if loss.representation_weight > 0:
       if loss.random_pretrained:
-        teacher = representation.build_teacher(loss.teacher,
+        teacher = teachers.build_teacher(loss.teacher,
                                                resolution=loss.teacher_resolution,
                                                rngs=nnx.Rngs(3))
       else:
-        teacher = representation.load_teacher(loss.teacher, loss.teacher_weights or None,
+        teacher = teachers.load_teacher(loss.teacher, loss.teacher_weights or None,
                                               resolution=loss.teacher_resolution)
     self.lpips = nnx.data(lpips)
     self.vgg19 = nnx.data(vgg19)
@@ -184,7 +184,7 @@ class TokenizerStage:
       total += loss_config.pcl_weight * terms["pcl"]
     if loss_config.representation_weight > 0:
       subcode = model.subcode(quantizer_output.quantized, loss_config.representation_branch)
-      terms["representation"], alignment = representation.representation_loss(
+      terms["representation"], alignment = losses_lib.representation_loss(
           model.representation_head, frozen.teacher, images, subcode,
           temperature=loss_config.representation_temperature)
       terms["representation_cosine"] = alignment["representation_cosine"]

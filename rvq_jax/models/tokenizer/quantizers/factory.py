@@ -5,11 +5,11 @@ from typing import Any, Mapping
 
 from flax import nnx
 
-from rvq_jax.models.quantizers.factorized import FactorizedQuantizer
-from rvq_jax.models.quantizers.gumbel import GumbelQuantizer
-from rvq_jax.models.quantizers.output import TemperatureSchedule
-from rvq_jax.models.quantizers.regularized import RegularizedQuantizer
-from rvq_jax.models.quantizers.vector import VectorQuantizer
+from rvq_jax.models.tokenizer.quantizers.factorized import FactorizedQuantizer
+from rvq_jax.models.tokenizer.quantizers.gumbel import GumbelQuantizer
+from rvq_jax.models.tokenizer.quantizers.output import TemperatureSchedule
+from rvq_jax.models.tokenizer.quantizers.regularized import RegularizedQuantizer
+from rvq_jax.models.tokenizer.quantizers.vector import VectorQuantizer
 
 QUANTIZER_KINDS = ("vq", "gumbel", "regvq", "fq", "regfq")
 

@@ -28,7 +28,7 @@ updated in place by `loss` in training mode from batch-global sums.
 Logical axis names: token embeddings (None, 'vocab', 'embed') [M, K+1, W]; position
 embeddings ('position', 'embed'); timestep MLP ('embed', 'mlp') / ('mlp', 'embed');
 output heads ('embed', None, 'vocab') [W, M, K]; the transformer's as in
-`rvq_jax.models.transformer`.
+`rvq_jax.models.layers.transformer`.
 """
 from __future__ import annotations
 
@@ -42,24 +42,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rvq_jax import ops
-from rvq_jax.models import partitioning
-from rvq_jax.models.conditioning import ConditionEmbedding
-from rvq_jax.models.token_layout import TokenLayout, TokenSequenceModel
-from rvq_jax.models.transformer import Transformer
+from rvq_jax.models.layers import dtypes, partitioning
+from rvq_jax.models.priors.conditioning import ConditionEmbedding
+from rvq_jax.models.priors.token_layout import TokenLayout, TokenSequenceModel
+from rvq_jax.models.layers.transformer import Transformer
 from rvq_jax.ops import diffusion
 
-_EMBED_STDDEV = 0.02
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Importance sampling stays uniform until every t has been trained on more than this.
 _WARMUP_COUNT = 10
-
-
-def _compute_dtype(dtype: Any):
-  if isinstance(dtype, str):
-    if dtype not in _DTYPES:
-      raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
-    return _DTYPES[dtype]
-  return dtype
 
 
 def timestep_embedding(t: jax.Array, width: int, *, max_period: float = 10000.0) -> jax.Array:
@@ -94,9 +84,9 @@ class DiffusionPrior(TokenSequenceModel, nnx.Module):
     self.width = width
     self.aux_weight = float(aux_weight)
     self.adaptive_aux_weight = bool(adaptive_aux_weight)
-    self.dtype = _compute_dtype(dtype)
+    self.dtype = dtypes.compute_dtype(dtype)
     kw = dict(dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
-    init = nnx.initializers.normal(_EMBED_STDDEV)
+    init = nnx.initializers.normal(dtypes.EMBED_STDDEV)
     self.cond = ConditionEmbedding(condition, width, num_classes=num_classes,
                                    grid_size=self.grid_size, **kw)
     self.prefix_length = self.cond.prefix_length

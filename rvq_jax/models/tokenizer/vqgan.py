@@ -25,7 +25,7 @@ computes in `dtype` (e.g. bfloat16). Normalization statistics and attention soft
 always computed in float32.
 
 Logical axis names on parameters (metadata `out_sharding`, see
-`rvq_jax.models.partitioning`; the FQ adapter in `factorized_adapter.py` and the
+`rvq_jax.models.layers.partitioning`; the FQ adapter in `factorized_adapter.py` and the
 discriminator use the same names):
   conv kernels       (None, None, 'conv_in', 'conv_out')   [kh, kw, C_in, C_out]
   conv biases        ('conv_out',)
@@ -45,17 +45,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rvq_jax.models import partitioning
-
-Dtype = Any
+from rvq_jax.models.layers import partitioning
+from rvq_jax.models.layers.dtypes import Dtype
+from rvq_jax.models.layers.partitioning import CONV_BIAS_AXES, CONV_KERNEL_AXES, NORM_AXES
 
 # taming's Normalize(): GroupNorm(num_groups=32, eps=1e-6, affine=True).
 NORM_GROUPS = 32
 NORM_EPSILON = 1e-6
 
-CONV_KERNEL_AXES = (None, None, "conv_in", "conv_out")
-CONV_BIAS_AXES = ("conv_out",)
-NORM_AXES = ("norm",)
 
 
 def swish(x: jax.Array) -> jax.Array:

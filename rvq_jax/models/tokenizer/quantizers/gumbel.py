@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rvq_jax.models.quantizers.output import QuantizerOutput, TemperatureSchedule
-from rvq_jax.models.quantizers.regularized import RegularizedQuantizer
+from rvq_jax.models.tokenizer.quantizers.output import QuantizerOutput, TemperatureSchedule
+from rvq_jax.models.tokenizer.quantizers.regularized import RegularizedQuantizer
 
 
 class GumbelQuantizer(RegularizedQuantizer):

@@ -24,7 +24,7 @@ Dropout is applied functionally from `rngs.dropout()` at call time (attention we
 both residual branches), so modules hold no RNG state and their parameter tree is only
 the layers listed here.
 
-Logical axis names (as `rvq_jax.models.vqgan`): q/k/v ('embed', 'heads', 'kv'), attention
+Logical axis names (as `rvq_jax.models.tokenizer.vqgan`): q/k/v ('embed', 'heads', 'kv'), attention
 output ('heads', 'kv', 'embed'), MLP ('embed', 'mlp') / ('mlp', 'embed'), norms ('norm',),
 AdaLN modulation kernel ('embed', None, 'embed') [W_cond, 6, W] (the second 'embed' is
 left replicated by the rules, since a mesh axis is used once per array).
@@ -37,9 +37,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rvq_jax.models import partitioning
-from rvq_jax.models import vqgan
-from rvq_jax.models.vqgan import Dtype
+from rvq_jax.models.layers import partitioning
+from rvq_jax.models.layers.dtypes import Dtype
 
 # PyTorch nn.LayerNorm's default, which FQGAN's (OpenCLIP-style) ViT blocks use.
 LAYER_NORM_EPSILON = 1e-5
@@ -65,8 +64,8 @@ def layer_norm(width: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
   return nnx.LayerNorm(
       width, epsilon=LAYER_NORM_EPSILON, dtype=dtype, param_dtype=param_dtype,
       use_bias=affine, use_scale=affine, use_fast_variance=False, rngs=rngs,
-      scale_metadata=partitioning.logical(*vqgan.NORM_AXES),
-      bias_metadata=partitioning.logical(*vqgan.NORM_AXES))
+      scale_metadata=partitioning.logical(*partitioning.NORM_AXES),
+      bias_metadata=partitioning.logical(*partitioning.NORM_AXES))
 
 
 def _dropout(x: jax.Array, rate: float, *, deterministic: bool,
@@ -164,7 +163,7 @@ class SelfAttention(nnx.Module):
     if mask is not None:
       mask = _broadcast_mask(mask)
       allowed = mask if allowed is None else allowed & mask
-    # Softmax in float32 whatever the compute dtype (see vqgan.AttnBlock).
+    # Softmax in float32 whatever the compute dtype (as the VQGAN's AttnBlock).
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits * self.head_dim**-0.5
     if allowed is not None:

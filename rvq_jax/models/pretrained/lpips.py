@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rvq_jax.models import pretrained
-from rvq_jax.models import vgg
+from rvq_jax.models.pretrained import vgg
 
 # The lpips package's ScalingLayer constants (for inputs in [-1, 1]).
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)

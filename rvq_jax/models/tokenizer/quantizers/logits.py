@@ -5,7 +5,7 @@ import jax
 from flax import nnx
 
 from rvq_jax import ops
-from rvq_jax.models import partitioning
+from rvq_jax.models.layers import partitioning
 
 LOGIT_KINDS = ("projection", "distance")
 

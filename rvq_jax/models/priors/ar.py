@@ -25,7 +25,7 @@ null-conditional rows as one batch of 2N and mixes their log-probabilities with
 
 Logical axis names: token embeddings (None, 'vocab', 'embed') [M, K, W]; position
 embeddings ('position', 'embed'); output projections ('embed', 'vocab') (per-slot
-(None, 'embed', 'vocab')); the transformer's names as in `rvq_jax.models.transformer`.
+(None, 'embed', 'vocab')); the transformer's names as in `rvq_jax.models.layers.transformer`.
 """
 from __future__ import annotations
 
@@ -37,21 +37,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rvq_jax import ops
-from rvq_jax.models import partitioning
-from rvq_jax.models.conditioning import ConditionEmbedding
-from rvq_jax.models.token_layout import TokenLayout, TokenSequenceModel
-from rvq_jax.models.transformer import Transformer
-
-_EMBED_STDDEV = 0.02
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def _compute_dtype(dtype: Any):
-  if isinstance(dtype, str):
-    if dtype not in _DTYPES:
-      raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
-    return _DTYPES[dtype]
-  return dtype
+from rvq_jax.models.layers import dtypes, partitioning
+from rvq_jax.models.priors.conditioning import ConditionEmbedding
+from rvq_jax.models.priors.token_layout import TokenLayout, TokenSequenceModel
+from rvq_jax.models.layers.transformer import Transformer
 
 
 class ARPrior(TokenSequenceModel, nnx.Module):
@@ -68,9 +57,9 @@ class ARPrior(TokenSequenceModel, nnx.Module):
     self.layout = TokenLayout(vocab_size, num_subtokens, grid_size)
     self.width = width
     self.dropout = dropout
-    self.dtype = _compute_dtype(dtype)
+    self.dtype = dtypes.compute_dtype(dtype)
     kw = dict(dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
-    init = nnx.initializers.normal(_EMBED_STDDEV)
+    init = nnx.initializers.normal(dtypes.EMBED_STDDEV)
     self.cond = ConditionEmbedding(condition, width, num_classes=num_classes,
                                    grid_size=self.grid_size, **kw)
     self.prefix_length = self.cond.prefix_length

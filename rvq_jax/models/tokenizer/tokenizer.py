@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from rvq_jax.models import vqgan
-from rvq_jax.models.factorized_adapter import FactorizedEncoder
-from rvq_jax.models.quantizers import QuantizerOutput, build_quantizer
-from rvq_jax.models.representation import FeaturePredictionHead
+from rvq_jax.models.tokenizer import vqgan
+from rvq_jax.models.tokenizer.factorized_adapter import FactorizedEncoder
+from rvq_jax.models.tokenizer.quantizers import QuantizerOutput, build_quantizer
+from rvq_jax.models.tokenizer.representation_head import FeaturePredictionHead
 
 # Global feature width of the teachers rvq_jax ships (VGG relu5 pooled).
 TEACHER_FEATURE_DIM = 512

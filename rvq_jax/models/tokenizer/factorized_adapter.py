@@ -10,7 +10,7 @@ conv3×3 to `z_channels` (FQGAN: 512 → 256). Each branch has its own parameter
 trunk is shared. The per-branch projection to the code dimension (`quant_conv`) belongs to
 the tokenizer model.
 
-Logical axis names: as listed in `rvq_jax.models.vqgan` ('embed', 'heads', 'kv', 'mlp',
+Logical axis names: as listed in `rvq_jax.models.tokenizer.vqgan` ('embed', 'heads', 'kv', 'mlp',
 'position', 'norm', and the conv names).
 """
 from __future__ import annotations
@@ -21,15 +21,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rvq_jax.models import partitioning
-from rvq_jax.models import vqgan
+from rvq_jax.models.layers import partitioning
+from rvq_jax.models.tokenizer import vqgan
 # The blocks live in `transformer` (shared with the priors); re-exported here.
-from rvq_jax.models.transformer import LAYER_NORM_EPSILON  # noqa: F401
-from rvq_jax.models.transformer import Mlp  # noqa: F401
-from rvq_jax.models.transformer import SelfAttention  # noqa: F401
-from rvq_jax.models.transformer import TransformerBlock
-from rvq_jax.models.transformer import layer_norm
-from rvq_jax.models.vqgan import Dtype
+from rvq_jax.models.layers.transformer import LAYER_NORM_EPSILON  # noqa: F401
+from rvq_jax.models.layers.transformer import Mlp  # noqa: F401
+from rvq_jax.models.layers.transformer import SelfAttention  # noqa: F401
+from rvq_jax.models.layers.transformer import TransformerBlock
+from rvq_jax.models.layers.transformer import layer_norm
+from rvq_jax.models.layers.dtypes import Dtype
 
 
 class FactorizedAdapter(nnx.Module):

@@ -24,13 +24,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rvq_jax.models import partitioning
-from rvq_jax.models.vqgan import Dtype
+from rvq_jax.models.layers import dtypes, partitioning
+from rvq_jax.models.layers.dtypes import Dtype
 
 CONDITION_KINDS = ("none", "class", "semantic")
 
 # ViT/GPT-2's customary N(0, 0.02) for learned embeddings.
-_EMBED_STDDEV = 0.02
 
 
 def downsample_label_map(label_map: jax.Array, grid: tuple[int, int]) -> jax.Array:
@@ -80,7 +79,7 @@ class ConditionEmbedding(nnx.Module):
     self.num_classes = num_classes if kind != "none" else 0
     self.grid_size = grid_size
     self.dtype = dtype
-    init = nnx.initializers.normal(_EMBED_STDDEV)
+    init = nnx.initializers.normal(dtypes.EMBED_STDDEV)
     if kind == "none":
       self.sos = partitioning.param(init(rngs.params(), (1, width), param_dtype),
                                     "position", "embed")

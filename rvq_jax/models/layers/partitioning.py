@@ -20,6 +20,12 @@ from typing import Any
 import jax
 from flax import nnx
 
+# Axis names of convolution kernels [kh, kw, C_in, C_out] and biases, and of norm scales
+# and biases (tiny: left replicated by the default rules).
+CONV_KERNEL_AXES = (None, None, "conv_in", "conv_out")
+CONV_BIAS_AXES = ("conv_out",)
+NORM_AXES = ("norm",)
+
 
 def logical(*names: str | None) -> dict[str, Any]:
   """Variable metadata naming the axes, e.g. `nnx.Linear(..., kernel_metadata=logical('embed', 'vocab'))`."""

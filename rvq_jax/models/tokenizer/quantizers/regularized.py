@@ -8,9 +8,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rvq_jax import ops
-from rvq_jax.models import partitioning
-from rvq_jax.models.quantizers.logits import TokenLogits
-from rvq_jax.models.quantizers.output import (QuantizerOutput, TemperatureSchedule, build_aux,
+from rvq_jax.models.layers import partitioning
+from rvq_jax.models.tokenizer.quantizers.logits import TokenLogits
+from rvq_jax.models.tokenizer.quantizers.output import (QuantizerOutput, TemperatureSchedule, build_aux,
                                               check_input)
 
 

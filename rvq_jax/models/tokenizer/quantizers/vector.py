@@ -6,8 +6,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rvq_jax import ops
-from rvq_jax.models import partitioning
-from rvq_jax.models.quantizers.output import QuantizerOutput, build_aux, check_input
+from rvq_jax.models.layers import partitioning
+from rvq_jax.models.tokenizer.quantizers.output import QuantizerOutput, build_aux, check_input
 
 
 class EMAState(nnx.Variable):

@@ -10,16 +10,15 @@ from __future__ import annotations
 import ml_collections
 from flax import nnx
 
-from rvq_jax.models.ar_prior import ARPrior
-from rvq_jax.models.diffusion_prior import DiffusionPrior
-from rvq_jax.models.token_layout import TokenLayout
-from rvq_jax.models.tokenizer import FACTORIZED_KINDS
+from rvq_jax.models.priors.ar import ARPrior
+from rvq_jax.models.priors.diffusion import DiffusionPrior
+from rvq_jax.models.priors.token_layout import TokenLayout
 
 
 def token_layout(config: ml_collections.ConfigDict) -> TokenLayout:
   factor = 2 ** (len(config.model.ch_mult) - 1)
   side = config.data.image_size // factor
-  factorized = config.quantizer.kind in FACTORIZED_KINDS
+  factorized = config.quantizer.kind in ("fq", "regfq")
   return TokenLayout(vocab_size=config.quantizer.num_codes,
                      num_subtokens=config.quantizer.num_branches if factorized else 1,
                      grid_size=(side, side))

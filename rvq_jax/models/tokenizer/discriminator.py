@@ -26,7 +26,7 @@ Normalization (`norm`):
 With a norm the convolutions before it have no bias (the norm's shift replaces it).
 
 Weights: variance scaling (LeCun normal, Flax's default), not taming's N(0, 0.02).
-Logical axis names as in `rvq_jax.models.vqgan` (conv names and 'norm').
+Logical axis names as in `rvq_jax.models.tokenizer.vqgan` (conv names and 'norm').
 """
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rvq_jax.models import partitioning
-from rvq_jax.models import vqgan
-from rvq_jax.models.vqgan import Dtype
+from rvq_jax.models.layers import partitioning
+from rvq_jax.models.tokenizer import vqgan
+from rvq_jax.models.layers.dtypes import Dtype
 
 DISCRIMINATOR_NORMS = ("group", "batch", "none")
 LEAKY_RELU_SLOPE = 0.2
@@ -70,8 +70,8 @@ class _ConvNormBlock(nnx.Module):
       self.norm = nnx.BatchNorm(
           out_channels, momentum=0.9, epsilon=DISCRIMINATOR_NORM_EPSILON,
           use_fast_variance=False, **kw,
-          scale_metadata=partitioning.logical(*vqgan.NORM_AXES),
-          bias_metadata=partitioning.logical(*vqgan.NORM_AXES))
+          scale_metadata=partitioning.logical(*partitioning.NORM_AXES),
+          bias_metadata=partitioning.logical(*partitioning.NORM_AXES))
     else:
       self.norm = None
 

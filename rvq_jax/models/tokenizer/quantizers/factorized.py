@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rvq_jax import ops
-from rvq_jax.models.quantizers.output import QuantizerOutput
+from rvq_jax.models.tokenizer.quantizers.output import QuantizerOutput
 
 
 class FactorizedQuantizer(nnx.Module):

@@ -5,7 +5,7 @@ blocks of 3×3 convolutions (stride 1, padding 1) each followed by a ReLU, and a
 pool of stride 2 after every block. The convolutions are stored under the index they
 have in torchvision's `features` Sequential (`features.0`, `features.2`, `features.5`,
 ...), so a converted torchvision checkpoint maps onto them one to one (see
-`rvq_jax.models.pretrained` for the key scheme). The last max pool of torchvision's
+`rvq_jax.models.pretrained.weights` for the key scheme). The last max pool of torchvision's
 `features` has no weights and feeds no named output, so it is not computed.
 
 Outputs are named `relu{block}_{conv}`: `relu3_3` is the ReLU after the third
