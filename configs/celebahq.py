@@ -15,27 +15,26 @@ from rvq_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  variant = config_lib.parse_arg(arg)
   config = config_lib.base_config()
-  if variant["stages"]:
-    config.stages = variant["stages"]
-
   config.data.update(source="tfds", name="celeb_a_hq/256", train_split="train[:25000]",
                      eval_split="train[25000:]", image_size=256, random_flip=True)
+
+  tokenizer = config.tokenizer
   # Taming's face VQGAN (f = 16, 16×16 tokens) and Reg-VQ's K = 1024, d = 256, r = 0.4.
-  config.model.update(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
-                      attn_resolutions=(16,), z_channels=256, dropout=0.0)
+  tokenizer.model.update(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                         attn_resolutions=(16,), z_channels=256, dropout=0.0)
   # λ_kl, τ and the PCL weight are not in the paper: λ_kl = 0.1 and τ = 1 are kept by the
   # codebook study (docs/results/codebook_study.md); PCL 0.1 is untested there (no VGG-19).
-  config.quantizer.update(kind="regvq", num_codes=1024, code_dim=256, mask_ratio=0.4,
-                          prior_kl_weight=0.1, temperature_start=1.0, temperature_end=1.0)
-  config.loss.update(perceptual_weight=1.0, pcl_weight=0.1, disc_start=30001,
-                     disc_weight=0.8)
+  tokenizer.quantizer.update(kind="regvq", num_codes=1024, code_dim=256)
+  tokenizer.quantizer.regvq.update(mask_ratio=0.4, prior_kl_weight=0.1,
+                                   temperature_start=1.0, temperature_end=1.0)
+  tokenizer.loss.update(perceptual_weight=1.0, pcl_weight=0.1, disc_start=30001,
+                        disc_weight=0.8)
   # Taming scales a base rate of 4.5e-6 by the batch size; Adam(0.5, 0.9).
-  config.train.update(batch_size=32, num_steps=300_000, log_every=100,
-                      checkpoint_every=2000, eval_every=10_000, summary_every=2000)
-  config.optim.update(learning_rate=4.5e-6 * 32, disc_learning_rate=4.5e-6 * 32)
-  config.eval.update(batch_size=32, num_batches=16)
+  tokenizer.train.update(batch_size=32, num_steps=300_000, log_every=100,
+                         checkpoint_every=2000, eval_every=10_000, summary_every=2000)
+  tokenizer.optim.update(learning_rate=4.5e-6 * 32, disc_learning_rate=4.5e-6 * 32)
+  tokenizer.eval.update(batch_size=32, num_batches=16)
 
   # Priors over the 16×16 tokens. Taming's face transformer: GPT with 24 layers, 16
   # heads, width 1024, AdamW(0.9, 0.95) with weight decay 0.01, base rate 4.5e-6 × batch.
@@ -46,37 +45,21 @@ def get_config(arg: str | None = None):
   # VQ-Diffusion at the same size as the AR model (the paper's fair comparison):
   # T = 100, auxiliary weight 5e-4, AdamW(0.9, 0.96) wd 4.5e-2, warm-up 5000,
   # truncation 0.86 at sampling.
-  config.diffusion.model.update(width=1024, depth=24, num_heads=16, dropout=0.0)
+  config.diffusion.model.update(width=1024, depth=24, num_heads=16, dropout=0.0,
+                                num_timesteps=100)
+  config.diffusion.loss.aux_weight = 5e-4
   config.diffusion.optim.update(learning_rate=3e-6 * 32, b1=0.9, b2=0.96,
                                 weight_decay=4.5e-2, warmup_steps=5000)
-  config.diffusion.update(num_timesteps=100, aux_weight=5e-4)
   config.diffusion.sample.update(num_steps=0, truncation_rate=0.86)
   for prior in (config.ar, config.diffusion):
     prior.train.update(batch_size=32, num_steps=500_000, log_every=100,
                        checkpoint_every=2000, eval_every=10_000, summary_every=2000)
     prior.eval.update(batch_size=32, num_batches=16)
+  return config_lib.apply_variant(config, arg, per_quantizer=_per_quantizer)
 
-  if variant["quantizer"]:
-    config_lib.apply_quantizer_kind(config, variant["quantizer"])
-  if config.quantizer.kind in ("fq", "regfq"):
+
+def _per_quantizer(config) -> None:
+  if config_lib.is_factorized(config):
     # FQGAN's semantic branch on the second sub-codebook; VGG16 stands in for CLIP.
-    config.loss.update(representation_weight=0.5, teacher="vgg16", representation_branch=1)
-  if variant["runlocal"]:
-    config.data.image_size = 64
-    config.model.update(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(),
-                        z_channels=32)
-    config.quantizer.update(num_codes=64, code_dim=min(config.quantizer.code_dim, 32))
-    config.loss.update(perceptual_weight=0.0, pcl_weight=0.0, representation_weight=0.0,
-                       disc_start=10)
-    config.train.update(batch_size=8, num_steps=20, log_every=5, checkpoint_every=10,
-                        eval_every=10, summary_every=10)
-    config.eval.update(batch_size=8, num_batches=1)
-    for prior in (config.ar, config.diffusion):
-      prior.model.update(width=64, depth=2, num_heads=4)
-      prior.train.update(batch_size=8, num_steps=20, log_every=5, checkpoint_every=10,
-                         eval_every=10, summary_every=10)
-      prior.eval.update(batch_size=8, num_batches=1)
-      prior.sample.num_samples = 4
-    config.diffusion.num_timesteps = 20
-  config.lock()
-  return config
+    config.tokenizer.loss.update(representation_weight=0.5, teacher="vgg16",
+                                 representation_branch=1)

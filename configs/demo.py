@@ -3,30 +3,31 @@ enough for a laptop CPU (all three stages in under 10 minutes on 2 cores).
 
   python -m rvq_jax.main --config=configs/demo.py --workdir=runs/demo
   python -m rvq_jax.main --config=configs/demo.py:diffusion --workdir=runs/demo   # one stage
+  python -m rvq_jax.main --config=configs/demo.py:vq,runlocal --workdir=runs/check
 
+Variants (comma-separated after ':'): a stage name, a quantizer kind, `runlocal`.
 Perceptual and contrastive losses are off (they need converted VGG weights, see README).
 """
 from rvq_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  variant = config_lib.parse_arg(arg)
   config = config_lib.base_config()
-  if variant["stages"]:
-    config.stages = variant["stages"]
   config.data.source = "embedded"
   config.data.image_size = 32
-  config.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
-                      z_channels=32)
-  config.quantizer.update(kind="regvq", num_codes=128, code_dim=32)
+
+  tokenizer = config.tokenizer
+  tokenizer.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+                         z_channels=32)
+  tokenizer.quantizer.update(kind="regvq", num_codes=128, code_dim=32)
   # A 2-layer PatchGAN (34 px receptive field) suits 32 px images; taming's 3 layers see
   # 70 px, and on a CPU their 4×4 stride-1 conv on a 4×4 map has an input gradient that
   # XLA:CPU computes ~200× slower than its forward pass (1.2 s per step here).
-  config.loss.update(perceptual_weight=0.0, pcl_weight=0.0, disc_start=150, disc_layers=2)
-  config.optim.update(learning_rate=5e-4, disc_learning_rate=2e-4)
-  config.train.update(batch_size=8, num_steps=300, log_every=25, checkpoint_every=100,
-                      eval_every=100, summary_every=100)
-  config.eval.update(batch_size=8, num_batches=2)
+  tokenizer.loss.update(perceptual_weight=0.0, pcl_weight=0.0, disc_start=150, disc_layers=2)
+  tokenizer.optim.update(learning_rate=5e-4, disc_learning_rate=2e-4)
+  tokenizer.train.update(batch_size=8, num_steps=300, log_every=25, checkpoint_every=100,
+                         eval_every=100, summary_every=100)
+  tokenizer.eval.update(batch_size=8, num_batches=2)
 
   # The priors model the 8×8 token grid (64 tokens of 128 codes) of 32px images.
   for prior in (config.ar, config.diffusion):
@@ -36,9 +37,6 @@ def get_config(arg: str | None = None):
                        eval_every=250, summary_every=250)
     prior.eval.update(batch_size=16, num_batches=2)
     prior.sample.num_samples = 16
-  config.diffusion.num_timesteps = 50
+  config.diffusion.model.num_timesteps = 50
   config.diffusion.sample.num_steps = 25
-  if variant["quantizer"]:
-    config_lib.apply_quantizer_kind(config, variant["quantizer"])
-  config.lock()
-  return config
+  return config_lib.apply_variant(config, arg)

@@ -1,37 +1,63 @@
-"""Shared configuration defaults and the checks that run before anything compiles.
+"""The run config's shape, its shared defaults, variants, and the checks that run before
+anything compiles.
 
-Dataset configs (`configs/*.py`) start from `base_config()` and change what differs;
-`validate(config)` turns every bad value into one clear error before a model is built.
-ConfigDicts are locked, so a misspelt override (`--config.quantizer.mask_ratoi=0.4`)
-fails at once with the key's name.
+Every stage has the same shape: `config.<stage>.{model, loss, optim, train, eval}` — the
+tokenizer adds `quantizer`, the priors `sample` — and what all stages share sits at the
+top: `seed`, `stages`, `data`, `mesh`, `weights` (pretrained files) and `prior` (where the
+priors' tokens come from and what conditions them).
+
+Dataset configs (`configs/*.py`) start from `base_config()`, change what differs, and end
+with `apply_variant(config, arg)`; `validate(config)` turns every bad value into one clear
+error before a model is built. ConfigDicts are locked, so a misspelt override
+(`--config.tokenizer.quantizer.regvq.mask_ratoi=0.4`) fails at once with the key's name.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import ml_collections
 
 from rvq_jax import parallel
 from rvq_jax.data import factory as data_factory
+from rvq_jax.models.tokenizer.quantizers import registry as quantizer_registry
 
 # The stages main can run, in the order a config runs them.
 STAGES = ("tokenizer", "ar", "diffusion")
 PRIOR_STAGES = ("ar", "diffusion")
 CONDITION_KINDS = ("none", "class", "semantic")
-QUANTIZER_KINDS = ("vq", "gumbel", "regvq", "fq", "regfq")
+DTYPES = ("float32", "bfloat16")
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Every key any stage reads, with the paper's defaults where it gives one."""
+def loop_settings(**overrides) -> ml_collections.ConfigDict:
+  """`<stage>.train`: the loop's settings, the same keys for every stage."""
+  return ml_collections.ConfigDict(dict(dict(
+      batch_size=8,          # global
+      num_steps=100_000,
+      log_every=50,
+      checkpoint_every=1000,
+      eval_every=5000,
+      summary_every=5000,
+      keep_checkpoints=3,
+  ), **overrides))
+
+
+def eval_settings(**overrides) -> ml_collections.ConfigDict:
+  """`<stage>.eval`: global batch size and number of held-out batches."""
+  return ml_collections.ConfigDict(dict(dict(batch_size=8, num_batches=4), **overrides))
+
+
+def quantizer_config(kind: str = "regvq") -> ml_collections.ConfigDict:
+  """`tokenizer.quantizer`: kind, K, D, and one options block per registered kind."""
+  config = ml_collections.ConfigDict(dict(kind=kind, num_codes=1024, code_dim=256))
+  for name in quantizer_registry.kinds():
+    config[name] = ml_collections.ConfigDict(dict(quantizer_registry.get(name).options))
+  return config
+
+
+def tokenizer_config() -> ml_collections.ConfigDict:
+  """The tokenizer stage: taming's VQGAN with the paper's defaults where it gives one."""
   config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.stages = STAGES
-
-  # The data layer's fields (see rvq_jax.data.factory); batch sizes live in train/eval.
-  config.data = data_factory.get_default_config()
-  del config.data["batch_size"]
-  del config.data["eval_batch_size"]
-
   # Taming's VQGAN (the face model: ch 128, ch_mult (1,1,2,2,4), attention at 16).
   config.model = ml_collections.ConfigDict(dict(
       ch=128,
@@ -47,41 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
       representation_head_heads=8,
       dtype="float32",       # compute dtype; parameters stay float32
   ))
-
-  config.quantizer = ml_collections.ConfigDict(dict(
-      kind="regvq",
-      num_codes=1024,
-      code_dim=256,
-      # VQ / FQ
-      beta=0.25,
-      normalize=False,
-      use_ema=False,
-      ema_decay=0.99,
-      entropy_weight=0.0,
-      entropy_temperature=0.01,
-      # Gumbel-VQ
-      kl_weight=5e-4,
-      # Reg-VQ
-      mask_ratio=0.4,
-      # λ_kl: the paper gives none. 0.1 kept by the codebook study: usage 15/32/61/80 % at
-      # λ_kl 0/0.01/0.1/1 for −0.2/−0.5 dB PSNR (docs/results/codebook_study.md).
-      prior_kl_weight=0.1,
-      per_position_kl_weight=0.0,
-      logits="projection",
-      # τ: constant 1.0, as in the authors' code. The codebook study's τ = 0.5 used more
-      # codes, but τ also scales the prior KL (a sharper p̄), so it is kept.
-      temperature_start=1.0,
-      temperature_end=1.0,
-      temperature_anneal_steps=0,
-      # FQ / Reg-FQ
-      num_branches=2,
-      disentangle_weight=0.1,
-  ))
-
+  config.quantizer = quantizer_config()
   config.loss = ml_collections.ConfigDict(dict(
       l1_weight=1.0,
-      perceptual_weight=1.0,
-      lpips_weights="",      # .npz from convert_weights ('' = $RVQ_JAX_WEIGHTS_DIR/vgg16_lpips.npz)
+      perceptual_weight=1.0,  # LPIPS (weights.lpips)
       # Reg-VQ's probabilistic contrastive loss (needs VGG-19 weights). A sum over sampled
       # locations and 5 layers: ~10³ early on in the codebook study's probe (random VGG-19)
       # against an L1 of ~1, so weigh it against l1_weight.
@@ -89,15 +84,12 @@ def base_config() -> ml_collections.ConfigDict:
       pcl_tau=0.07,
       pcl_num_locations=256,
       pcl_eps=1e-6,
-      vgg19_weights="",      # '' = $RVQ_JAX_WEIGHTS_DIR/vgg19.npz
-      random_pretrained=False,  # tests only: random VGG/LPIPS weights instead of files
       # FQ representation alignment: a head on one sub-code predicts a frozen teacher's
       # global feature (in-batch InfoNCE). FQGAN: CLIP/DINOv2 teachers, weight 0.5.
       representation_weight=0.0,
       representation_temperature=1.0,
       representation_branch=1,
       teacher="vgg16",       # vgg16 | vgg19 (stand-ins: any Flax module + weight file fits)
-      teacher_weights="",    # '' = $RVQ_JAX_WEIGHTS_DIR/<teacher>.npz
       teacher_resolution=224,
       disc_start=30001,
       disc_weight=0.8,
@@ -106,7 +98,6 @@ def base_config() -> ml_collections.ConfigDict:
       disc_layers=3,
       disc_channels=64,
   ))
-
   config.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-4,
       disc_learning_rate=1e-4,
@@ -116,30 +107,74 @@ def base_config() -> ml_collections.ConfigDict:
       warmup_steps=0,
       grad_clip=1.0,
   ))
-
-  config.train = ml_collections.ConfigDict(dict(
-      batch_size=8,          # global
-      num_steps=100_000,
-      log_every=50,
-      checkpoint_every=1000,
-      eval_every=5000,
-      summary_every=5000,
-      keep_checkpoints=3,
+  config.train = loop_settings(
       ema_decay=0.0,         # EMA of generator weights (0 = off)
-  ))
+  )
+  config.eval = eval_settings()
+  return config
 
-  config.eval = ml_collections.ConfigDict(dict(
-      batch_size=8,
-      num_batches=4,
-      # FID Inception weights (rvq_jax.metrics.inception): '' = $RVQ_JAX_WEIGHTS_DIR/
-      # inception_fid.npz; no file = no rFID/IS; 'random' = random weights (tests only).
-      inception_weights="",
+
+def prior_config(kind: str) -> ml_collections.ConfigDict:
+  """One prior stage's settings: model, loss, optimizer, loop, evaluation and sampling.
+
+  Defaults are a small model; configs/celebahq.py sets the paper-scale ones (taming's
+  GPT: 24 layers, 16 heads, width 1024; VQ-Diffusion: T = 100).
+  """
+  prior = ml_collections.ConfigDict(dict(
+      model=dict(width=512, depth=8, num_heads=8, mlp_ratio=4, dropout=0.0,
+                 dtype="float32"),
+      # Classifier-free guidance needs a learned null condition: drop it this often.
+      loss=dict(condition_dropout=0.0),
+      # Taming's GPT: AdamW(0.9, 0.95), weight decay 0.01 on kernels only.
+      optim=dict(learning_rate=3e-4, b1=0.9, b2=0.95, weight_decay=0.01, warmup_steps=0,
+                 grad_clip=1.0),
+      train=loop_settings(),
+      # generation_fid: sample one image per held-out example for gFID / IS (only when
+      # the FID Inception's weights exist, see weights.inception).
+      eval=eval_settings(generation_fid=True),
+      sample=dict(num_samples=16, temperature=1.0, guidance_scale=1.0),
   ))
+  if kind == "ar":
+    prior.loss.pkeep = 1.0   # taming: input tokens kept with prob pkeep, else uniform
+    prior.sample.update(top_k=0, top_p=1.0)
+  elif kind == "diffusion":
+    prior.model.num_timesteps = 100
+    prior.loss.aux_weight = 5e-4       # VQ-Diffusion's auxiliary x0 loss weight
+    prior.sample.num_steps = 0         # 0 = T; fewer = strided fast sampling
+    prior.sample.truncation_rate = 1.0  # keep the top-r probability mass (0.86 released)
+  else:
+    raise ValueError(f"unknown prior {kind!r}: choose from {PRIOR_STAGES}")
+  return prior
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key any stage reads."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.stages = STAGES
+
+  # The data layer's fields (see rvq_jax.data.factory); batch sizes live in <stage>.train
+  # and <stage>.eval.
+  config.data = data_factory.get_default_config()
+  del config.data["batch_size"]
+  del config.data["eval_batch_size"]
 
   config.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 1, 1),
       axes=parallel.DEFAULT_MESH_AXES,
       rules=parallel.DEFAULT_RULES,
+  ))
+
+  # Pretrained weight files, read only where a stage uses them ('' = the default file in
+  # $RVQ_JAX_WEIGHTS_DIR, see rvq_jax.models.pretrained).
+  config.weights = ml_collections.ConfigDict(dict(
+      lpips="",              # vgg16_lpips.npz: LPIPS loss and metric
+      vgg19="",              # vgg19.npz: Reg-VQ's PCL features
+      teacher="",            # <tokenizer.loss.teacher>.npz: FQ representation teacher
+      # FID Inception (rvq_jax.metrics.inception): no file = no rFID/gFID/IS;
+      # 'random' = random weights (tests only).
+      inception="",
+      random=False,          # tests only: random VGG/LPIPS/teacher weights, no files
   ))
 
   # What both priors share: where their tokens come from and what conditions them.
@@ -150,82 +185,97 @@ def base_config() -> ml_collections.ConfigDict:
       train_tokens="",       # .npz from `--mode=encode` ('' = tokenize images on the fly)
       eval_tokens="",
   ))
+
+  config.tokenizer = tokenizer_config()
   config.ar = prior_config("ar")
   config.diffusion = prior_config("diffusion")
   return config
 
 
-def prior_config(kind: str) -> ml_collections.ConfigDict:
-  """One prior stage's settings: model, optimizer, loop, evaluation and sampling.
-
-  Defaults are a small model; configs/celebahq.py sets the paper-scale ones (taming's
-  GPT: 24 layers, 16 heads, width 1024; VQ-Diffusion: T = 100).
-  """
-  prior = ml_collections.ConfigDict(dict(
-      model=dict(width=512, depth=8, num_heads=8, mlp_ratio=4, dropout=0.0,
-                 dtype="float32"),
-      # Taming's GPT: AdamW(0.9, 0.95), weight decay 0.01 on kernels only.
-      optim=dict(learning_rate=3e-4, b1=0.9, b2=0.95, weight_decay=0.01, warmup_steps=0,
-                 grad_clip=1.0),
-      train=dict(batch_size=8, num_steps=100_000, log_every=50, checkpoint_every=1000,
-                 eval_every=5000, summary_every=5000, keep_checkpoints=3),
-      # generation_fid: sample one image per held-out example for gFID / IS (only when
-      # the FID Inception's weights exist, see eval.inception_weights).
-      eval=dict(batch_size=8, num_batches=4, generation_fid=True),
-      # Classifier-free guidance needs a learned null condition: drop it this often.
-      condition_dropout=0.0,
-      sample=dict(num_samples=16, temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0),
-  ))
-  if kind == "ar":
-    prior.pkeep = 1.0        # taming: input tokens kept with prob pkeep, else uniform
-  elif kind == "diffusion":
-    prior.num_timesteps = 100
-    prior.aux_weight = 5e-4  # VQ-Diffusion's auxiliary x0 loss weight
-    prior.sample.num_steps = 0         # 0 = T; fewer = strided fast sampling
-    prior.sample.truncation_rate = 1.0  # keep the top-r probability mass (0.86 released)
-  else:
-    raise ValueError(f"unknown prior {kind!r}: choose from {PRIOR_STAGES}")
-  return prior
-
-
 def parse_arg(arg: str | None) -> dict:
   """The `:variant` part of `--config=configs/x.py:variant`, comma-separated tokens.
 
-  A token is a stage (run only that stage), a quantizer kind (vq, gumbel, regvq, fq,
-  regfq) or `runlocal` (a tiny, fast version of the run to check a set-up), e.g.
-  `configs/celebahq.py:tokenizer,fq,runlocal`.
+  A token is a stage (run only that stage), a quantizer kind (any registered one: vq,
+  gumbel, regvq, fq, regfq) or `runlocal` (a tiny, fast version of the run to check a
+  set-up), e.g. `configs/celebahq.py:tokenizer,fq,runlocal`.
   """
   parsed = {"stages": None, "quantizer": None, "runlocal": False}
+  kinds = quantizer_registry.kinds()
   for token in filter(None, (t.strip() for t in (arg or "").split(","))):
     if token == "runlocal":
       parsed["runlocal"] = True
     elif token in STAGES:
       parsed["stages"] = (parsed["stages"] or ()) + (token,)
-    elif token in QUANTIZER_KINDS:
+    elif token in kinds:
       parsed["quantizer"] = token
     else:
       raise ValueError(f"unknown config variant {token!r}: use a stage {STAGES}, a quantizer "
-                       f"{QUANTIZER_KINDS} or 'runlocal', comma-separated.")
+                       f"{kinds} or 'runlocal', comma-separated.")
   return parsed
 
 
-def apply_quantizer_kind(config: ml_collections.ConfigDict, kind: str) -> None:
-  """Switches the quantizer with the settings each kind is defined with."""
-  config.quantizer.kind = kind
-  if kind == "gumbel":
-    # Taming's GumbelQuantize: τ annealed by cosine 0.9 → 1e-6 over ~1e6 steps (the
-    # base config's constant τ = 1 is Reg-VQ's).
-    config.quantizer.update(temperature_start=0.9, temperature_end=1e-6,
-                            temperature_anneal_steps=1_000_000)
-  elif kind == "fq":
-    # FQGAN: cosine codes of width 8, entropy loss 0.03 on −d/0.01.
-    config.quantizer.update(code_dim=8, normalize=True, entropy_weight=0.03)
-  elif kind == "regfq":
-    config.quantizer.update(code_dim=8)
+def set_quantizer(config: ml_collections.ConfigDict, kind: str) -> None:
+  """Switches the tokenizer's quantizer to `kind`, with the shared settings the kind is
+  defined with (e.g. FQ's 8-wide codes); its own options are in its block already."""
+  spec = quantizer_registry.get(kind)
+  config.tokenizer.quantizer.kind = kind
+  config.tokenizer.quantizer.update(dict(spec.variant))
+
+
+def is_factorized(config: ml_collections.ConfigDict) -> bool:
+  """Whether the tokenizer's quantizer has M sub-codebooks (FQ, Reg-FQ)."""
+  return quantizer_registry.get(config.tokenizer.quantizer.kind).factorized
+
+
+def runlocal(config: ml_collections.ConfigDict) -> None:
+  """Shrinks any run to seconds per stage, to check a set-up: small images, a tiny
+  model, a few steps, no pretrained losses; keeps the data and the downsampling factor."""
+  tokenizer = config.tokenizer
+  factor = downsampling_factor(config)
+  config.data.image_size = min(config.data.image_size, max(64, 4 * factor))
+  tokenizer.model.update(ch=32, ch_mult=tuple(min(m, 4) for m in tokenizer.model.ch_mult),
+                         num_res_blocks=1, attn_resolutions=(), z_channels=32, adapter_depth=1)
+  tokenizer.quantizer.update(num_codes=min(tokenizer.quantizer.num_codes, 64),
+                             code_dim=min(tokenizer.quantizer.code_dim, 32))
+  tokenizer.loss.update(perceptual_weight=0.0, pcl_weight=0.0, representation_weight=0.0,
+                        disc_start=min(tokenizer.loss.disc_start, 10))
+  for name in STAGES:
+    stage = config[name]
+    stage.train.update(batch_size=8, num_steps=20, log_every=5, checkpoint_every=10,
+                       eval_every=10, summary_every=10)
+    stage.eval.update(batch_size=8, num_batches=1)
+  for name in PRIOR_STAGES:
+    config[name].model.update(width=64, depth=2, num_heads=4)
+    config[name].sample.num_samples = 4
+  config.diffusion.model.num_timesteps = min(config.diffusion.model.num_timesteps, 20)
+  config.diffusion.sample.num_steps = min(config.diffusion.sample.num_steps, 20)
+
+
+def apply_variant(config: ml_collections.ConfigDict, arg: str | None, *,
+                  per_quantizer: Callable[[ml_collections.ConfigDict], None] | None = None
+                  ) -> ml_collections.ConfigDict:
+  """Applies `configs/x.py:arg` to a dataset's config and locks it; every config file ends
+  with this.
+
+  Order: the stages, the quantizer kind, then `per_quantizer(config)` (a dataset's settings
+  that depend on the kind, e.g. FQ's representation loss), then `runlocal`.
+  """
+  variant = parse_arg(arg)
+  if variant["stages"]:
+    config.stages = variant["stages"]
+  if variant["quantizer"]:
+    set_quantizer(config, variant["quantizer"])
+  if per_quantizer is not None:
+    per_quantizer(config)
+  if variant["runlocal"]:
+    runlocal(config)
+  config.lock()
+  return config
 
 
 def downsampling_factor(config: ml_collections.ConfigDict) -> int:
-  return 2 ** (len(config.model.ch_mult) - 1)
+  """f: the tokenizer's image side ÷ token-grid side."""
+  return 2 ** (len(config.tokenizer.model.ch_mult) - 1)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -238,44 +288,57 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   for stage in config.stages:
     check(stage in STAGES, f"stages: unknown stage {stage!r} (choose from {STAGES})")
-  q = config.quantizer
-  check(q.kind in QUANTIZER_KINDS, f"quantizer.kind={q.kind!r}: choose from {QUANTIZER_KINDS}")
-  check(0.0 <= q.mask_ratio <= 1.0, f"quantizer.mask_ratio={q.mask_ratio} must lie in [0, 1]")
-  check(q.num_codes > 0 and q.code_dim > 0, "quantizer.num_codes and code_dim must be positive")
-  check(q.logits in ("projection", "distance"), f"quantizer.logits={q.logits!r}")
-  check(q.temperature_start > 0 and q.temperature_end > 0, "quantizer temperatures must be > 0")
-  if q.kind in ("fq", "regfq"):
-    check(q.num_branches >= 2, f"quantizer.num_branches={q.num_branches} must be >= 2 for FQ")
-  f = downsampling_factor(config)
-  size = config.data.image_size
-  check(f in (4, 8, 16), f"model.ch_mult has {len(config.model.ch_mult)} levels: the "
-        f"downsampling factor {f} must be 4, 8 or 16")
-  check(size % f == 0, f"data.image_size={size} is not divisible by the downsampling "
-        f"factor {f} of model.ch_mult={tuple(config.model.ch_mult)}")
-  check(config.model.ch % 32 == 0, f"model.ch={config.model.ch} must be a multiple of 32 "
-        "(GroupNorm with 32 groups)")
   try:
     data_factory.validate_config(config.data)
   except ValueError as error:
     problems.append(f"data: {error}")
-  check(config.loss.disc_loss in ("hinge", "vanilla"), f"loss.disc_loss={config.loss.disc_loss!r}")
-  if config.loss.representation_weight > 0:
-    check(q.kind in ("fq", "regfq"), "loss.representation_weight > 0 needs a factorized "
-          f"quantizer (fq or regfq), not {q.kind!r}")
-    check(0 <= config.loss.representation_branch < q.num_branches,
-          f"loss.representation_branch={config.loss.representation_branch} must index one of "
-          f"the {q.num_branches} sub-codebooks")
-    check(config.loss.teacher in ("vgg16", "vgg19"), f"loss.teacher={config.loss.teacher!r}")
-  check(config.train.batch_size > 0 and config.eval.batch_size > 0, "batch sizes must be > 0")
-  check(config.train.num_steps >= 0, "train.num_steps must be >= 0")
-  for name in ("log_every", "checkpoint_every"):
-    check(config.train[name] > 0, f"train.{name} must be > 0")
-  check(0.0 <= config.train.ema_decay < 1.0, "train.ema_decay must lie in [0, 1)")
   check(len(config.mesh.shape) == len(config.mesh.axes), "mesh.shape and mesh.axes differ")
-  check(config.model.dtype in ("float32", "bfloat16"), f"model.dtype={config.model.dtype!r}")
+  _validate_tokenizer(config, check, problems)
+  for name in STAGES:
+    _validate_loop(config[name], name, check)
   _validate_priors(config, check)
   if problems:
     raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _validate_loop(stage: ml_collections.ConfigDict, name: str, check) -> None:
+  """The keys every stage has: model dtype, train and eval."""
+  check(stage.model.dtype in DTYPES, f"{name}.model.dtype={stage.model.dtype!r}: choose from "
+        f"{DTYPES}")
+  check(stage.train.batch_size > 0 and stage.eval.batch_size > 0,
+        f"{name}.train.batch_size and {name}.eval.batch_size must be > 0")
+  check(stage.train.num_steps >= 0, f"{name}.train.num_steps must be >= 0")
+  for key in ("log_every", "checkpoint_every"):
+    check(stage.train[key] > 0, f"{name}.train.{key} must be > 0")
+  check(stage.eval.num_batches > 0, f"{name}.eval.num_batches must be > 0")
+
+
+def _validate_tokenizer(config: ml_collections.ConfigDict, check, problems: list) -> None:
+  tokenizer = config.tokenizer
+  model, loss, quantizer = tokenizer.model, tokenizer.loss, tokenizer.quantizer
+  quantizer_problems = quantizer_registry.validate(quantizer)
+  problems.extend(quantizer_problems)
+  f = downsampling_factor(config)
+  size = config.data.image_size
+  check(f in (4, 8, 16), f"tokenizer.model.ch_mult has {len(model.ch_mult)} levels: the "
+        f"downsampling factor {f} must be 4, 8 or 16")
+  check(size % f == 0, f"data.image_size={size} is not divisible by the downsampling "
+        f"factor {f} of tokenizer.model.ch_mult={tuple(model.ch_mult)}")
+  check(model.ch % 32 == 0, f"tokenizer.model.ch={model.ch} must be a multiple of 32 "
+        "(GroupNorm with 32 groups)")
+  check(loss.disc_loss in ("hinge", "vanilla"),
+        f"tokenizer.loss.disc_loss={loss.disc_loss!r}: 'hinge' or 'vanilla'")
+  if loss.representation_weight > 0 and not quantizer_problems:
+    spec = quantizer_registry.get(quantizer.kind)
+    check(spec.factorized, "tokenizer.loss.representation_weight > 0 needs a factorized "
+          f"quantizer (fq or regfq), not {quantizer.kind!r}")
+    if spec.factorized:
+      branches = spec.num_subtokens(quantizer[quantizer.kind])
+      check(0 <= loss.representation_branch < branches,
+            f"tokenizer.loss.representation_branch={loss.representation_branch} must index "
+            f"one of the {branches} sub-codebooks")
+    check(loss.teacher in ("vgg16", "vgg19"), f"tokenizer.loss.teacher={loss.teacher!r}")
+  check(0.0 <= tokenizer.train.ema_decay < 1.0, "tokenizer.train.ema_decay must lie in [0, 1)")
 
 
 def _validate_priors(config: ml_collections.ConfigDict, check) -> None:
@@ -299,33 +362,25 @@ def _validate_priors(config: ml_collections.ConfigDict, check) -> None:
           f"{where}model.width={stage.model.width} is not divisible by "
           f"{where}model.num_heads={stage.model.num_heads}")
     check(stage.model.depth >= 1, f"{where}model.depth must be >= 1")
-    check(stage.model.dtype in ("float32", "bfloat16"), f"{where}model.dtype")
-    check(stage.train.batch_size > 0 and stage.eval.batch_size > 0,
-          f"{where}train/eval batch sizes must be > 0")
-    check(stage.train.log_every > 0 and stage.train.checkpoint_every > 0,
-          f"{where}train.log_every and checkpoint_every must be > 0")
-    check(0.0 <= stage.condition_dropout < 1.0, f"{where}condition_dropout must lie in [0, 1)")
+    check(0.0 <= stage.loss.condition_dropout < 1.0,
+          f"{where}loss.condition_dropout must lie in [0, 1)")
     sample = stage.sample
     check(sample.temperature >= 0, f"{where}sample.temperature must be >= 0")
-    check(sample.top_k >= 0, f"{where}sample.top_k must be >= 0 (0 = off)")
-    check(0.0 < sample.top_p <= 1.0, f"{where}sample.top_p must lie in (0, 1]")
     if sample.guidance_scale != 1.0:
       check(prior.condition != "none", f"{where}sample.guidance_scale != 1 needs a condition")
-      check(stage.condition_dropout > 0, f"{where}sample.guidance_scale != 1 needs a learned "
-            f"null condition: set {where}condition_dropout > 0 (0.1 is usual)")
-  check(0.0 <= config.ar.pkeep <= 1.0, "ar.pkeep must lie in [0, 1]")
-  diffusion = config.diffusion
-  check(diffusion.num_timesteps >= 2, "diffusion.num_timesteps must be >= 2")
-  check(0 <= diffusion.sample.num_steps <= diffusion.num_timesteps,
+      check(stage.loss.condition_dropout > 0, f"{where}sample.guidance_scale != 1 needs a "
+            f"learned null condition: set {where}loss.condition_dropout > 0 (0.1 is usual)")
+  ar, diffusion = config.ar, config.diffusion
+  check(0.0 <= ar.loss.pkeep <= 1.0, "ar.loss.pkeep must lie in [0, 1]")
+  check(ar.sample.top_k >= 0, "ar.sample.top_k must be >= 0 (0 = off)")
+  check(0.0 < ar.sample.top_p <= 1.0, "ar.sample.top_p must lie in (0, 1]")
+  timesteps = diffusion.model.num_timesteps
+  check(timesteps >= 2, "diffusion.model.num_timesteps must be >= 2")
+  check(0 <= diffusion.sample.num_steps <= timesteps,
         f"diffusion.sample.num_steps={diffusion.sample.num_steps} must lie in [0, "
-        f"num_timesteps={diffusion.num_timesteps}] (0 = all)")
+        f"diffusion.model.num_timesteps={timesteps}] (0 = all)")
   check(0.0 < diffusion.sample.truncation_rate <= 1.0,
         "diffusion.sample.truncation_rate must lie in (0, 1]")
-
-
-def stage_settings(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
-  """The train/eval/optim settings of one stage (the tokenizer's live at the top level)."""
-  return config if stage == "tokenizer" else config[stage]
 
 
 def check_batch_divides(config: ml_collections.ConfigDict, num_devices: int,
@@ -335,11 +390,9 @@ def check_batch_divides(config: ml_collections.ConfigDict, num_devices: int,
   data_parallel = math.prod(s for s, a in zip(mesh_shape, config.mesh.axes)
                             if a in parallel.BATCH_AXES)
   for stage in config.stages:
-    settings = stage_settings(config, stage)
-    prefix = "" if stage == "tokenizer" else f"{stage}."
     for name in ("train", "eval"):
-      batch = settings[name].batch_size
+      batch = config[stage][name].batch_size
       if batch % data_parallel or batch % num_processes:
         raise ValueError(
-            f"{prefix}{name}.batch_size={batch} must be divisible by the {data_parallel} "
+            f"{stage}.{name}.batch_size={batch} must be divisible by the {data_parallel} "
             f"data-parallel devices of mesh {mesh_shape} and by {num_processes} processes.")

@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config():
   config = tiny_configs.tiny_config()
   # GAN from step 1, so the default steps (first, last) give two phases.
-  config.loss.disc_start = 1
+  config.tokenizer.loss.disc_start = 1
   config_lib.validate(config)
   return config
 

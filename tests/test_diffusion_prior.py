@@ -174,7 +174,7 @@ def test_bad_arguments_fail_early_with_clear_messages(monkeypatch):
   def no_compile(*args, **kwargs):
     raise AssertionError("compiled before checking its arguments")
 
-  monkeypatch.setattr("rvq_jax.models.priors.diffusion._sample_jit", no_compile)
+  monkeypatch.setattr("rvq_jax.models.priors.base._sample_jit", no_compile)
   cond = jnp.arange(2)
   with pytest.raises(ValueError, match=r"num_steps must be an int in \[1, T=10\]"):
     prior.sample(jax.random.key(0), cond, num_samples=2, num_steps=T + 1)

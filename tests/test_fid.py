@@ -20,7 +20,6 @@ from rvq_jax import config as config_lib
 from rvq_jax.metrics import fid as fid_lib
 from rvq_jax.metrics import inception as inception_lib
 from rvq_jax.models import pretrained
-from rvq_jax.models.tokenizer import Tokenizer
 from rvq_jax.tools import convert_weights
 from rvq_jax.train import tokenizer_stage
 
@@ -508,12 +507,13 @@ def _tokenizer_config(inception_weights):
   config = config_lib.base_config()
   config.data.update(image_size=16, num_workers=1, embedded_train_crops_per_photo=2,
                      embedded_eval_crops_per_photo=2)
-  config.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                      z_channels=32, adapter_depth=1, adapter_heads=2)
-  config.quantizer.update(num_codes=16, code_dim=8)
-  config_lib.apply_quantizer_kind(config, "vq")
-  config.loss.update(perceptual_weight=0.0, pcl_weight=0.0, random_pretrained=True)
-  config.eval.update(batch_size=4, num_batches=1, inception_weights=inception_weights)
+  config.tokenizer.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                                z_channels=32, adapter_depth=1, adapter_heads=2)
+  config.tokenizer.quantizer.update(num_codes=16, code_dim=8)
+  config_lib.set_quantizer(config, "vq")
+  config.tokenizer.loss.update(perceptual_weight=0.0, pcl_weight=0.0)
+  config.weights.update(random=True, inception=inception_weights)
+  config.tokenizer.eval.update(batch_size=4, num_batches=1)
   config.mesh.shape = (1, 1, 1)
   return config
 
@@ -529,7 +529,7 @@ def test_tokenizer_eval_without_inception_weights_logs_once(tmp_path, monkeypatc
   assert "--network inception_fid" in messages[0]
   with pytest.raises(ValueError, match="random"):
     config = _tokenizer_config("random")
-    config.loss.random_pretrained = False
+    config.weights.random = False
     tokenizer_stage.FrozenNetworks(config)
 
 
@@ -538,7 +538,7 @@ class _EvalContainer(nnx.Module):
   container, with discriminator and optimizers, would double this test's time)."""
 
   def __init__(self, config):
-    self.model = Tokenizer(config, rngs=nnx.Rngs(0))
+    self.model = tokenizer_stage.build_tokenizer(config, rngs=nnx.Rngs(0))
     self.ema_model = nnx.data(None)
 
 

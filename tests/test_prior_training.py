@@ -11,9 +11,9 @@ from PIL import Image
 
 from rvq_jax import config as config_lib
 from tests import tiny_configs
-from rvq_jax.models.tokenizer import Tokenizer
 from rvq_jax.train import inference, loop, prior_inference, stages
 from rvq_jax.train.prior_stage import PriorStage
+from rvq_jax.train.tokenizer_stage import build_tokenizer
 
 PRIORS = ("ar", "diffusion")
 
@@ -36,7 +36,7 @@ def tiny_config(kind="regvq", *, condition="none", data_path="", **train):
   if data_path:
     config.data.update(source="folder", path=data_path, eval_path=data_path,
                        class_labels=condition == "class")
-  config.train.checkpoint_every = 1
+  config.tokenizer.train.checkpoint_every = 1
   config.prior.update(condition=condition, num_classes=2 if condition != "none" else 0)
   for name in PRIORS:
     prior = config[name]
@@ -46,13 +46,13 @@ def tiny_config(kind="regvq", *, condition="none", data_path="", **train):
     prior.train.update(**train)
     prior.eval.update(batch_size=8, num_batches=1)
     prior.sample.num_samples = 4
-  config.diffusion.num_timesteps = 8
+  config.diffusion.model.num_timesteps = 8
   config_lib.validate(config)
   return config
 
 
 def _random_tokenizer(config):
-  return Tokenizer(config, rngs=nnx.Rngs(7))
+  return build_tokenizer(config, rngs=nnx.Rngs(7))
 
 
 def _metrics(workdir):
@@ -94,7 +94,7 @@ def test_class_conditional_priors_from_token_files_with_guidance(tmp_path):
   config.unlock()
   config.prior.update(train_tokens=tokens_path, eval_tokens=tokens_path)
   for name in PRIORS:
-    config[name].condition_dropout = 0.5
+    config[name].loss.condition_dropout = 0.5
     config[name].sample.guidance_scale = 2.0
   config_lib.validate(config)
   for name in PRIORS:
@@ -182,8 +182,7 @@ def test_prior_eval_reports_generation_fid_with_an_inception(tmp_path, monkeypat
   held-out example against the eval split's cached reference statistics."""
   from rvq_jax.metrics import fid as fid_lib
   config = tiny_config()
-  config.loss.random_pretrained = True
-  config.eval.inception_weights = "random"
+  config.weights.update(random=True, inception="random")
   stage = PriorStage(config, "ar", _random_tokenizer(config),
                      fid_reference_path=str(tmp_path / "reference.npz"))
   distances = []

@@ -8,9 +8,11 @@ import pytest
 from flax import nnx
 
 from rvq_jax import ops, parallel
-from rvq_jax.models.tokenizer.quantizers import (QUANTIZER_KINDS, EMAState, FactorizedQuantizer,
-                                       GumbelQuantizer, RegularizedQuantizer,
-                                       TemperatureSchedule, VectorQuantizer, build_quantizer)
+from rvq_jax.models.tokenizer.quantizers import (EMAState, FactorizedQuantizer, GumbelQuantizer,
+                                                 RegularizedQuantizer, TemperatureSchedule,
+                                                 VectorQuantizer, build_quantizer, registry)
+
+QUANTIZER_KINDS = ("vq", "gumbel", "regvq", "fq", "regfq")
 
 K, D, C = 32, 8, 12
 
@@ -21,7 +23,9 @@ def _features(kind, shape=(4, 4, 4), key=1, dtype=jnp.float32):
 
 
 def _build(kind, **overrides):
-  config = dict(kind=kind, num_codes=K, code_dim=D, **overrides)
+  # The kind's registered options (unknown kinds fail in build_quantizer), then overrides.
+  options = dict(registry.get(kind).options) if kind in registry.kinds() else {}
+  config = {"kind": kind, "num_codes": K, "code_dim": D, kind: {**options, **overrides}}
   in_features = None if kind in ("vq", "fq") else C
   return build_quantizer(config, in_features=in_features, rngs=nnx.Rngs(0))
 

@@ -17,13 +17,13 @@ from rvq_jax.train.tokenizer_stage import TokenizerStage
 
 def tiny_config(kind="regvq", **train):
   config = tiny_configs.tiny_config(kind)
-  config.loss.update(perceptual_weight=0.5, pcl_weight=0.1, pcl_num_locations=8, disc_start=0)
+  config.tokenizer.loss.update(perceptual_weight=0.5, pcl_weight=0.1, pcl_num_locations=8, disc_start=0)
   if kind in ("fq", "regfq"):
-    config.loss.update(representation_weight=0.5, teacher_resolution=32)
-    config.model.update(representation_head_width=32, representation_head_blocks=1,
+    config.tokenizer.loss.update(representation_weight=0.5, teacher_resolution=32)
+    config.tokenizer.model.update(representation_head_width=32, representation_head_blocks=1,
                         representation_head_heads=2)
-  config.train.checkpoint_every = 1
-  config.train.update(**train)
+  config.tokenizer.train.checkpoint_every = 1
+  config.tokenizer.train.update(**train)
   config_lib.validate(config)
   return config
 
@@ -103,7 +103,7 @@ class _SigtermAt(TokenizerStage):
 def test_sigterm_then_restart_continues_like_an_uninterrupted_run(tmp_path):
   config = tiny_config(num_steps=4, checkpoint_every=100)
   # The VGG-based losses are the slow part on a CPU and play no role in resuming.
-  config.loss.update(perceptual_weight=0.0, pcl_weight=0.0)
+  config.tokenizer.loss.update(perceptual_weight=0.0, pcl_weight=0.0)
   _run(config, str(tmp_path / "straight"))
   workdir = str(tmp_path / "interrupted")
   with pytest.raises(SystemExit):
@@ -121,7 +121,7 @@ def test_train_evaluate_reconstruct_and_encode(tmp_path):
   """FQ: the factorized encoder, VQ sub-quantizers, factorized tokens [B, h, w, M]."""
   kind = "fq"
   config = tiny_config(kind)
-  config.loss.update(perceptual_weight=0.0, pcl_weight=0.0)  # Covered by the sharded test.
+  config.tokenizer.loss.update(perceptual_weight=0.0, pcl_weight=0.0)  # Covered by the sharded test.
   workdir = str(tmp_path / "run")
   final = _run(config, workdir)
   assert {"l1", "psnr", "ssim", "usage", "perplexity"} <= set(final)
@@ -156,12 +156,12 @@ def test_config_errors_are_reported_before_building_anything():
   with pytest.raises(ValueError, match="image_size=18 is not divisible by the downsampling"):
     config_lib.validate(config)
   config = tiny_config()
-  config.quantizer.mask_ratio = 1.5
+  config.tokenizer.quantizer.regvq.mask_ratio = 1.5
   with pytest.raises(ValueError, match=r"mask_ratio=1.5 must lie in \[0, 1\]"):
     config_lib.validate(config)
   config = tiny_config()
   config.lock()  # As main's config flag does.
   with pytest.raises(AttributeError):
-    config.quantizer.mask_ratoi = 0.4  # A typo is an error, not a new key.
+    config.tokenizer.quantizer.regvq.mask_ratoi = 0.4  # A typo is an error, not a new key.
   with pytest.raises(ValueError, match="unknown config variant"):
     config_lib.parse_arg("tokenizer,regvqq")

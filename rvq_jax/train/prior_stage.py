@@ -1,8 +1,8 @@
 """The prior stages (AR transformer, VQ-Diffusion) over a frozen tokenizer's tokens.
 
-One class serves both priors: they differ only in the model `rvq_jax.models.priors`
-builds, whose `loss`, `log_likelihood`/`negative_elbo` and `sample` the step functions
-call. Tokens come from images tokenized on the fly by the frozen tokenizer (the
+One class serves both priors: they differ only in the model the prior registry
+(`rvq_jax.models.priors`) builds, whose `loss`, `heldout_nll` and `sample` (the `Prior`
+interface) the step functions call. Tokens come from images tokenized on the fly by the frozen tokenizer (the
 default) or from the arrays `--mode=encode` wrote (`prior.train_tokens`).
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from flax import nnx
 from rvq_jax.data import factory as data_factory
 from rvq_jax.data import token_arrays
 from rvq_jax.metrics import fid as fid_lib
+from rvq_jax.models.priors import TokenLayout, build_prior, prior_class
 from rvq_jax.models.priors.conditioning import downsample_label_map
-from rvq_jax.models.priors.factory import build_prior, token_layout
 from rvq_jax.models.tokenizer import Tokenizer
 from rvq_jax.train import loop
 from rvq_jax.train import reporting
@@ -36,10 +36,19 @@ _GENERATED = "generated/"
 class PriorTrainState(nnx.Module):
   """What a prior stage checkpoints: the prior and its optimizer."""
 
-  def __init__(self, config: ml_collections.ConfigDict, kind: str, *, rngs: nnx.Rngs):
-    self.model = build_prior(config, kind, rngs=rngs)
+  def __init__(self, config: ml_collections.ConfigDict, kind: str, layout: TokenLayout, *,
+               rngs: nnx.Rngs):
+    self.model = build_prior(kind, config[kind], layout, condition=config.prior.condition,
+                             num_classes=config.prior.num_classes, rngs=rngs)
     tx, _ = make_optimizer(config[kind].optim, config[kind].optim.learning_rate)
     self.optimizer = nnx.Optimizer(self.model, tx, wrt=nnx.Param)
+
+
+def token_layout(tokenizer: Tokenizer) -> TokenLayout:
+  """How a prior sees `tokenizer`'s tokens: K codes, M per position, on its h×w grid."""
+  return TokenLayout(vocab_size=tokenizer.quantizer.num_codes,
+                     num_subtokens=tokenizer.num_subtokens,
+                     grid_size=(tokenizer.grid_size, tokenizer.grid_size))
 
 
 def tokenizer_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -61,21 +70,14 @@ def load_tokenizer(config: ml_collections.ConfigDict, directory: str) -> tuple[T
 
 def sample_options(config: ml_collections.ConfigDict, kind: str, **overrides) -> dict:
   """Keyword arguments of the prior's `sample` from `config.<kind>.sample`."""
-  sample = config[kind].sample
-  options = dict(temperature=sample.temperature, guidance_scale=sample.guidance_scale)
-  if kind == "ar":
-    options.update(top_k=sample.top_k, top_p=sample.top_p)
-  else:
-    options.update(num_steps=sample.num_steps or None, truncation_rate=sample.truncation_rate)
-  options.update(overrides)
-  return options
+  return prior_class(kind).sample_options(config[kind].sample, **overrides)
 
 
 class PriorStage:
   """Implements `rvq_jax.train.loop.Stage` for the 'ar' or 'diffusion' prior.
 
   Evaluation reports held-out bits per token and, when the FID Inception's weights exist
-  (`eval.inception_weights`) and `<kind>.eval.generation_fid` is on, gFID and Inception
+  (`weights.inception`) and `<kind>.eval.generation_fid` is on, gFID and Inception
   Score of one sample per held-out example (with that example's condition) against the
   reference statistics of the data's eval split (cached in `fid_reference_path`).
 
@@ -89,14 +91,11 @@ class PriorStage:
 
   def __init__(self, config: ml_collections.ConfigDict, kind: str, tokenizer: Tokenizer, *,
                fid_reference_path: str | None = None):
-    if kind not in ("ar", "diffusion"):
-      raise ValueError(f"unknown prior {kind!r}: 'ar' or 'diffusion'")
     self.config, self.kind, self.name = config, kind, kind
     self.settings = config[kind]
-    self.layout = token_layout(config)
+    self.layout = token_layout(tokenizer)
     self.condition_kind = config.prior.condition
-    self.progress_keys = (("loss", "nll", "accuracy", "grad_norm") if kind == "ar" else
-                          ("loss", "vlb_bits", "aux", "accuracy", "grad_norm"))
+    self.progress_keys = prior_class(kind).PROGRESS_KEYS
     self._tokenizer_graphdef, self._tokenizer_state = nnx.split(tokenizer)
     inception = load_eval_inception(config) if self.settings.eval.generation_fid else None
     self._inception_graphdef, self._inception_state = (
@@ -108,7 +107,7 @@ class PriorStage:
   # ------------------------------------------------------------------ loop protocol
 
   def create(self, rngs: nnx.Rngs) -> PriorTrainState:
-    return PriorTrainState(self.config, self.kind, rngs=rngs)
+    return PriorTrainState(self.config, self.kind, self.layout, rngs=rngs)
 
   def constants(self) -> Any:
     return {"tokenizer": self._tokenizer_state, "inception": self._inception_state}
@@ -172,19 +171,12 @@ class PriorStage:
 
   # ------------------------------------------------------------------ training
 
-  def _loss_options(self) -> dict:
-    options = dict(condition_dropout=self.settings.condition_dropout)
-    if self.kind == "ar":
-      options["pkeep"] = self.settings.pkeep
-    return options
-
   def train_step(self, container: PriorTrainState, constants, batch, key, step, phase):
     del phase
     tokens, condition = self.inputs(constants, batch)
 
     def loss_fn(model):
-      return model.loss(tokens, condition, key=key, deterministic=False,
-                        **self._loss_options())
+      return model.loss(tokens, condition, key=key, deterministic=False)
 
     (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(container.model)
     container.optimizer.update(container.model, grads)
@@ -200,11 +192,7 @@ class PriorStage:
     valid = batch["valid"]
     # The key depends on the examples only, so a re-evaluation draws the same samples/t.
     key = jax.random.fold_in(jax.random.key(self.config.seed), jnp.sum(batch["index"]))
-    if self.kind == "ar":
-      nll = -container.model.log_likelihood(tokens, condition)
-    else:
-      # An unbiased one-t estimate per image.
-      nll = container.model.negative_elbo(tokens, condition, key=key)
+    nll = container.model.heldout_nll(tokens, condition, key=key)
     weight = valid.astype(jnp.float32)
     tokens_per_example = math.prod(self.layout.token_shape())
     sums = {"nll_nats": jnp.sum(nll * weight), "count": jnp.sum(weight),

@@ -28,19 +28,26 @@ from rvq_jax.train import tokenizer_losses as losses_lib
 from rvq_jax.train.optimizers import ema_update, make_optimizer
 
 
+def build_tokenizer(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> Tokenizer:
+  """The tokenizer a run config describes (`tokenizer.model`, `tokenizer.quantizer`)."""
+  settings = config.tokenizer
+  return Tokenizer(settings.model, settings.quantizer, image_size=config.data.image_size,
+                   representation_head=settings.loss.representation_weight > 0, rngs=rngs)
+
+
 class TokenizerTrainState(nnx.Module):
   """Everything the tokenizer stage checkpoints: G, D, their optimizers, the EMA copy."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    self.model = Tokenizer(config, rngs=rngs)
+    self.model = build_tokenizer(config, rngs=rngs)
     self.discriminator = NLayerDiscriminator(
-        in_channels=3, ndf=config.loss.disc_channels, n_layers=config.loss.disc_layers,
+        in_channels=3, ndf=config.tokenizer.loss.disc_channels, n_layers=config.tokenizer.loss.disc_layers,
         rngs=rngs)
-    g_tx, _ = make_optimizer(config.optim, config.optim.learning_rate)
-    d_tx, _ = make_optimizer(config.optim, config.optim.disc_learning_rate)
+    g_tx, _ = make_optimizer(config.tokenizer.optim, config.tokenizer.optim.learning_rate)
+    d_tx, _ = make_optimizer(config.tokenizer.optim, config.tokenizer.optim.disc_learning_rate)
     self.g_optimizer = nnx.Optimizer(self.model, g_tx, wrt=nnx.Param)
     self.d_optimizer = nnx.Optimizer(self.discriminator, d_tx, wrt=nnx.Param)
-    self.ema_model = nnx.data(nnx.clone(self.model) if config.train.ema_decay else None)
+    self.ema_model = nnx.data(nnx.clone(self.model) if config.tokenizer.train.ema_decay else None)
 
 
 def _optional_weights(configured: str, network: str) -> str | None:
@@ -55,14 +62,14 @@ def _optional_weights(configured: str, network: str) -> str | None:
 def load_eval_inception(config: ml_collections.ConfigDict) -> inception_lib.InceptionV3 | None:
   """The FID Inception for rFID/gFID and IS in evaluation, or None (one log line) without it.
 
-  `eval.inception_weights`: '' = $RVQ_JAX_WEIGHTS_DIR/inception_fid.npz, a path, or
-  'random' (random weights, only with `loss.random_pretrained`: tests).
+  `weights.inception`: '' = $RVQ_JAX_WEIGHTS_DIR/inception_fid.npz, a path, or
+  'random' (random weights, only with `weights.random`: tests).
   """
-  configured = config.eval.get("inception_weights", "")
+  configured = config.weights.inception
   if configured == "random":
-    if not config.loss.random_pretrained:
-      raise ValueError("eval.inception_weights='random' gives meaningless FIDs; it is meant "
-                       "for tests, together with loss.random_pretrained=True.")
+    if not config.weights.random:
+      raise ValueError("weights.inception='random' gives meaningless FIDs; it is meant "
+                       "for tests, together with weights.random=True.")
     return inception_lib.random_inception(4)
   path = _optional_weights(configured, inception_lib.NETWORK_NAME)
   if path is None:
@@ -72,7 +79,7 @@ def load_eval_inception(config: ml_collections.ConfigDict) -> inception_lib.Ince
         else f"${pretrained.WEIGHTS_DIR_ENV_VAR}/{inception_lib.NETWORK_NAME}.npz "
              f"(${pretrained.WEIGHTS_DIR_ENV_VAR} is not set)")
     log = logging.warning if configured else logging.info
-    log("No FID Inception weights at %s (config eval.inception_weights): evaluation reports "
+    log("No FID Inception weights at %s (config weights.inception): evaluation reports "
         "no rFID or Inception Score. Make the file with:\n  %s", expected,
         pretrained.converter_command(inception_lib.NETWORK_NAME,
                                      configured or f"{inception_lib.NETWORK_NAME}.npz"))
@@ -89,31 +96,30 @@ class FrozenNetworks(nnx.Module):
   """
 
   def __init__(self, config: ml_collections.ConfigDict):
-    loss = config.loss
+    loss, weights = config.tokenizer.loss, config.weights
     lpips, vgg19 = None, None
-    if loss.random_pretrained:
+    if weights.random:
       lpips = lpips_lib.LPIPS(rngs=nnx.Rngs(1)) if loss.perceptual_weight > 0 else None
       vgg19 = vgg.VGG19(rngs=nnx.Rngs(2)) if loss.pcl_weight > 0 else None
     else:
-      lpips_path = _optional_weights(loss.lpips_weights, "vgg16_lpips")
+      lpips_path = _optional_weights(weights.lpips, "vgg16_lpips")
       if loss.perceptual_weight > 0 or lpips_path:
         # Without a file this raises the loader's error: the file and the command to make it.
-        lpips = lpips_lib.load_lpips(lpips_path or (loss.lpips_weights or None))
+        lpips = lpips_lib.load_lpips(lpips_path or (weights.lpips or None))
       else:
-        logging.info("No LPIPS weights (config loss.lpips_weights or $RVQ_JAX_WEIGHTS_DIR): "
+        logging.info("No LPIPS weights (config weights.lpips or $RVQ_JAX_WEIGHTS_DIR): "
                      "evaluation reports no LPIPS.")
       if loss.pcl_weight > 0:
-        vgg19 = vgg.load_vgg19(_optional_weights(loss.vgg19_weights, "vgg19")
-                               or (loss.vgg19_weights or None))
+        vgg19 = vgg.load_vgg19(_optional_weights(weights.vgg19, "vgg19")
+                               or (weights.vgg19 or None))
     teacher = None
     if loss.representation_weight > 0:
-      if loss.random_pretrained:
-        teacher = teachers.build_teacher(loss.teacher,
-                                               resolution=loss.teacher_resolution,
-                                               rngs=nnx.Rngs(3))
+      if weights.random:
+        teacher = teachers.build_teacher(loss.teacher, resolution=loss.teacher_resolution,
+                                         rngs=nnx.Rngs(3))
       else:
-        teacher = teachers.load_teacher(loss.teacher, loss.teacher_weights or None,
-                                              resolution=loss.teacher_resolution)
+        teacher = teachers.load_teacher(loss.teacher, weights.teacher or None,
+                                        resolution=loss.teacher_resolution)
     self.lpips = nnx.data(lpips)
     self.vgg19 = nnx.data(vgg19)
     self.teacher = nnx.data(teacher)
@@ -131,8 +137,8 @@ class TokenizerStage:
     self.config = config
     self.frozen = FrozenNetworks(config)
     self._frozen_graphdef, self._frozen_state = nnx.split(self.frozen)
-    _, self.lr_schedule = make_optimizer(config.optim, config.optim.learning_rate)
-    self.num_codes = config.quantizer.num_codes
+    _, self.lr_schedule = make_optimizer(config.tokenizer.optim, config.tokenizer.optim.learning_rate)
+    self.num_codes = config.tokenizer.quantizer.num_codes
 
   # ------------------------------------------------------------------ loop protocol
 
@@ -143,22 +149,22 @@ class TokenizerStage:
     return self._frozen_state
 
   def phase(self, step: int) -> Hashable:
-    return step >= self.config.loss.disc_start
+    return step >= self.config.tokenizer.loss.disc_start
 
   def train_iterator(self, process_index: int, process_count: int):
     return data_factory.create_dataset(self.config.data, split="train",
                                        process_index=process_index,
                                        process_count=process_count, seed=self.config.seed,
-                                       batch_size=self.config.train.batch_size)
+                                       batch_size=self.config.tokenizer.train.batch_size)
 
   def eval_batches(self, process_index: int, process_count: int):
     iterator = data_factory.create_dataset(self.config.data, split="eval",
                                            process_index=process_index,
                                            process_count=process_count,
-                                           batch_size=self.config.eval.batch_size)
+                                           batch_size=self.config.tokenizer.eval.batch_size)
     with iterator:
       for batch_index, batch in enumerate(iterator):
-        if batch_index >= self.config.eval.num_batches:
+        if batch_index >= self.config.tokenizer.eval.num_batches:
           break
         yield {"image": batch["image"], "valid": batch["valid"]}
 
@@ -166,7 +172,7 @@ class TokenizerStage:
 
   def _reconstruction_losses(self, model, frozen, images, reconstructions, quantizer_output,
                              key):
-    loss_config = self.config.loss
+    loss_config = self.config.tokenizer.loss
     aux = quantizer_output.aux
     terms = {"l1": losses_lib.masked_l1(images, reconstructions, aux["deterministic_region"])}
     total = loss_config.l1_weight * terms["l1"]
@@ -196,7 +202,7 @@ class TokenizerStage:
 
   def train_step(self, container: TokenizerTrainState, constants, batch, key, step,
                  use_gan: bool):
-    loss_config = self.config.loss
+    loss_config = self.config.tokenizer.loss
     frozen = nnx.merge(self._frozen_graphdef, constants)
     images = batch["image"]
     quantizer_key, pcl_key = jax.random.split(key)
@@ -258,7 +264,7 @@ class TokenizerStage:
                      d_grad_norm=optax.tree.norm(d_grads))
 
     if container.ema_model is not None:
-      ema_update(container.ema_model, container.model, self.config.train.ema_decay)
+      ema_update(container.ema_model, container.model, self.config.tokenizer.train.ema_decay)
 
     metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=self.lr_schedule(step), **terms, **stats)

@@ -144,7 +144,7 @@ def _check_kind(kind: str) -> type[vgg.VGG]:
 def build_teacher(kind: str, *, resolution: int | None = DEFAULT_TEACHER_RESOLUTION,
                   resize_method: str = DEFAULT_RESIZE_METHOD, dtype: Dtype = jnp.float32,
                   rngs: nnx.Rngs) -> VGGGlobalTeacher:
-  """A teacher of `kind` with *random* weights (tests, or `loss.random_pretrained`).
+  """A teacher of `kind` with *random* weights (tests, or `weights.random`).
 
   Args:
     kind: one of `TEACHER_BACKBONES` ('vgg16', 'vgg19').

@@ -29,7 +29,6 @@ embeddings ('position', 'embed'); output projections ('embed', 'vocab') (per-slo
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -39,21 +38,36 @@ from flax import nnx
 from rvq_jax import ops
 from rvq_jax.models.layers import dtypes, partitioning
 from rvq_jax.models.priors.conditioning import ConditionEmbedding
-from rvq_jax.models.priors.token_layout import TokenLayout, TokenSequenceModel
+from rvq_jax.models.priors.base import Prior
+from rvq_jax.models.priors.token_layout import TokenLayout
 from rvq_jax.models.layers.transformer import Transformer
 
 
-class ARPrior(TokenSequenceModel, nnx.Module):
-  """GPT prior p(tokens | condition) over raster-order (sub-)tokens."""
+class ARPrior(Prior):
+  """GPT prior p(tokens | condition) over raster-order (sub-)tokens.
+
+  Training options: `condition_dropout` (rows trained with the null condition, for
+  guidance) and taming's `pkeep` (input tokens kept with this probability, otherwise
+  replaced by uniform random ids; the targets stay clean).
+  """
+
+  SAMPLE_OPTIONS = ("temperature", "top_k", "top_p", "guidance_scale")
+  PROGRESS_KEYS = ("loss", "nll", "accuracy", "grad_norm")
+  LOSS_OPTIONS = ("pkeep",)
 
   def __init__(self, *, vocab_size: int, num_subtokens: int = 1,
                grid_size: tuple[int, int], condition: str = "none", num_classes: int = 0,
                width: int = 512, depth: int = 12, num_heads: int = 8, mlp_ratio: int = 4,
                dropout: float = 0.0, subtoken_depth: int = 1, dtype: Any = "float32",
-               rngs: nnx.Rngs):
+               condition_dropout: float = 0.0, pkeep: float = 1.0, rngs: nnx.Rngs):
     # Sizes, heads and dropout are checked by TokenLayout and the Transformer.
     if vocab_size < 2:
       raise ValueError(f"vocab_size must be >= 2, got {vocab_size}.")
+    if not 0.0 < pkeep <= 1.0:
+      raise ValueError(f"pkeep must be in (0, 1], got {pkeep}.")
+    self.condition_dropout = float(condition_dropout)
+    self._check_condition_dropout(None)
+    self.pkeep = float(pkeep)
     self.layout = TokenLayout(vocab_size, num_subtokens, grid_size)
     self.width = width
     self.dropout = dropout
@@ -86,12 +100,6 @@ class ARPrior(TokenSequenceModel, nnx.Module):
           width, (m, vocab_size), kernel_init=init,
           kernel_metadata=partitioning.logical("embed", None, "vocab"),
           bias_metadata=partitioning.logical(None, "vocab"), **kw)
-
-  # ------------------------------------------------------------------ checks
-
-  @property
-  def condition_kind(self) -> str:
-    return self.cond.kind
 
   # ------------------------------------------------------------------ network
 
@@ -161,8 +169,8 @@ class ARPrior(TokenSequenceModel, nnx.Module):
   # ------------------------------------------------------------------ training
 
   def loss(self, tokens: jax.Array, condition: jax.Array | None = None, *,
-           key: jax.Array, deterministic: bool = False, condition_dropout: float = 0.0,
-           pkeep: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+           key: jax.Array, deterministic: bool = False, condition_dropout: float | None = None,
+           pkeep: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean next-(sub-)token cross-entropy in nats, and metrics {'nll', 'accuracy'}.
 
     tokens: [B, L] int32 (M = 1) or [B, L, M]. condition: None ('none'), [B] int
@@ -170,23 +178,22 @@ class ARPrior(TokenSequenceModel, nnx.Module):
     randomness. condition_dropout: probability that a row's condition is replaced by the
     null condition. pkeep: each *input* token is kept with probability pkeep and
     otherwise replaced by a uniform random id (taming); the targets stay the clean ones.
+    Both default to the prior's own (`self.condition_dropout`, `self.pkeep`).
     """
     targets = self._check_tokens(tokens)
     batch = targets.shape[0]
     self.cond.check_condition(condition, batch)
+    pkeep = self.pkeep if pkeep is None else pkeep
     if not 0.0 < pkeep <= 1.0:
       raise ValueError(f"pkeep must be in (0, 1], got {pkeep}.")
-    if not 0.0 <= condition_dropout <= 1.0:
-      raise ValueError(f"condition_dropout must be in [0, 1], got {condition_dropout}.")
+    condition_dropout = self._check_condition_dropout(condition_dropout)
     dropout_key, keep_key, random_key, drop_key = jax.random.split(key, 4)
     inputs = targets
     if pkeep < 1.0:
       keep = jax.random.bernoulli(keep_key, pkeep, targets.shape)
       random = jax.random.randint(random_key, targets.shape, 0, self.vocab_size, jnp.int32)
       inputs = jnp.where(keep, targets, random)
-    drop = None
-    if condition_dropout > 0.0 and self.cond.kind != "none":
-      drop = jax.random.bernoulli(drop_key, condition_dropout, (batch,))
+    drop = self._drop_conditions(drop_key, condition_dropout, batch)
     logits = self._logits(inputs, condition, drop=drop, deterministic=deterministic,
                           rngs=nnx.Rngs(dropout=dropout_key))
     log_probs = jax.nn.log_softmax(logits, axis=-1)
@@ -205,47 +212,35 @@ class ARPrior(TokenSequenceModel, nnx.Module):
     picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(picked, axis=(1, 2))
 
+  def heldout_nll(self, tokens: jax.Array, condition: jax.Array | None = None, *,
+                  key: jax.Array) -> jax.Array:
+    """Exact −log p(tokens | condition) in nats per sequence, [B] (`key` is unused)."""
+    del key
+    return -self.log_likelihood(tokens, condition)
+
   # ------------------------------------------------------------------ sampling
 
-  def sample(self, key: jax.Array, condition: jax.Array | None = None, *,
-             num_samples: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, guidance_scale: float = 1.0,
-             use_cache: bool = True) -> jax.Array:
-    """Samples tokens [num_samples, L] int32 (or [num_samples, L, M]).
-
-    condition: None ('none'), [num_samples] int ('class'), [num_samples, h, w] int
-    ('semantic'). temperature 0 is greedy; top_k 0 and top_p 1 disable the filters
-    (`ops.sample_logits`). guidance_scale ≠ 1 applies classifier-free guidance against
-    the learned null condition (not for 'none'). Jitted (one compile per set of static
-    options); also traceable inside an outer `jit`.
-    """
-    if not isinstance(num_samples, int) or num_samples < 1:
-      raise ValueError(f"num_samples must be a positive int, got {num_samples!r}.")
-    self.cond.check_condition(condition, num_samples)
+  def _checked_sample_options(self, *, temperature: float = 1.0, top_k: int = 0,
+                              top_p: float = 1.0, guidance_scale: float = 1.0,
+                              use_cache: bool = True) -> dict[str, Any]:
+    """temperature 0 is greedy; top_k 0 and top_p 1 disable the filters
+    (`ops.sample_logits`); guidance_scale ≠ 1 applies classifier-free guidance against the
+    learned null condition; use_cache=False recomputes the prefix at every position (the
+    reference the KV cache is tested against)."""
     if float(temperature) < 0:
       raise ValueError(f"temperature must be >= 0, got {temperature}.")
     if not isinstance(top_k, int) or top_k < 0:
       raise ValueError(f"top_k must be a non-negative int, got {top_k!r}.")
     if not 0.0 < float(top_p) <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
-    if float(guidance_scale) != 1.0 and self.cond.kind == "none":
-      raise ValueError("classifier-free guidance (guidance_scale != 1) needs a class or "
-                       "semantic condition; this prior is unconditional.")
-    graphdef, state = nnx.split(self)
-    options = dict(num_samples=num_samples, temperature=float(temperature), top_k=top_k,
-                   top_p=float(top_p), guidance_scale=float(guidance_scale),
-                   use_cache=bool(use_cache))
-    return _sample_jit(graphdef, state, key, condition, **options)
+    return dict(temperature=float(temperature), top_k=top_k, top_p=float(top_p),
+                guidance_scale=float(guidance_scale), use_cache=bool(use_cache))
 
   def _sample_impl(self, key, condition, *, num_samples, temperature, top_k, top_p,
                    guidance_scale, use_cache):
     n, m, length, lc = num_samples, self.num_subtokens, self.length, self.prefix_length
     guided = guidance_scale != 1.0
-    batch = 2 * n if guided else n
-    drop = None
-    if guided:
-      condition = jnp.concatenate([condition, condition], axis=0)
-      drop = jnp.arange(batch) >= n  # rows n.. are the null-condition branch
+    condition, drop, batch = self._guidance_batch(condition, n, guidance_scale)
     prefix = self._prefix(condition, batch, drop)  # [batch, Lc, W]
 
     def both(x):  # rows of the n samples → rows of the batch
@@ -293,9 +288,3 @@ class ARPrior(TokenSequenceModel, nnx.Module):
       tokens = jax.lax.fori_loop(0, length, step, tokens)
     return tokens[..., 0] if m == 1 else tokens
 
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "temperature",
-                                             "top_k", "top_p", "guidance_scale",
-                                             "use_cache"))
-def _sample_jit(graphdef, state, key, condition, **options):
-  return nnx.merge(graphdef, state)._sample_impl(key, condition, **options)

@@ -32,9 +32,7 @@ output heads ('embed', None, 'vocab') [W, M, K]; the transformer's as in
 """
 from __future__ import annotations
 
-import functools
 import math
-import numbers
 from typing import Any
 
 import jax
@@ -44,7 +42,8 @@ from flax import nnx
 from rvq_jax import ops
 from rvq_jax.models.layers import dtypes, partitioning
 from rvq_jax.models.priors.conditioning import ConditionEmbedding
-from rvq_jax.models.priors.token_layout import TokenLayout, TokenSequenceModel
+from rvq_jax.models.priors.base import Prior
+from rvq_jax.models.priors.token_layout import TokenLayout
 from rvq_jax.models.layers.transformer import Transformer
 from rvq_jax.ops import diffusion
 
@@ -65,20 +64,31 @@ class DiffusionLossHistory(nnx.Variable):
   """Importance-sampling statistics (E[L_t²], counts per t): state, not a parameter."""
 
 
-class DiffusionPrior(TokenSequenceModel, nnx.Module):
-  """VQ-Diffusion prior p(tokens | condition) (see the module docstring)."""
+class DiffusionPrior(Prior):
+  """VQ-Diffusion prior p(tokens | condition) (see the module docstring).
+
+  Training options: `condition_dropout` (rows trained with the null condition, for
+  guidance) and `aux_weight` (the auxiliary x_0 loss's weight).
+  """
+
+  SAMPLE_OPTIONS = ("num_steps", "truncation_rate", "temperature", "guidance_scale")
+  PROGRESS_KEYS = ("loss", "vlb_bits", "aux", "accuracy", "grad_norm")
+  LOSS_OPTIONS = ("aux_weight",)
+  MODEL_OPTIONS = ("num_timesteps",)
 
   def __init__(self, *, vocab_size: int, num_subtokens: int = 1,
                grid_size: tuple[int, int], condition: str = "none", num_classes: int = 0,
                num_timesteps: int = 100, width: int = 512, depth: int = 12,
                num_heads: int = 8, mlp_ratio: int = 4, dropout: float = 0.0,
                aux_weight: float = 5e-4, adaptive_aux_weight: bool = True,
-               dtype: Any = "float32", rngs: nnx.Rngs):
+               dtype: Any = "float32", condition_dropout: float = 0.0, rngs: nnx.Rngs):
     # Sizes, heads and dropout are checked by TokenLayout and the Transformer.
     if not isinstance(num_timesteps, int) or num_timesteps < 2:
       raise ValueError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}.")
     if not aux_weight >= 0.0:
       raise ValueError(f"aux_weight must be >= 0, got {aux_weight}.")
+    self.condition_dropout = float(condition_dropout)
+    self._check_condition_dropout(None)
     self.layout = TokenLayout(vocab_size, num_subtokens, grid_size)
     self.num_timesteps = num_timesteps
     self.width = width
@@ -112,10 +122,6 @@ class DiffusionPrior(TokenSequenceModel, nnx.Module):
   # ------------------------------------------------------------------ checks
 
   @property
-  def condition_kind(self) -> str:
-    return self.cond.kind
-
-  @property
   def schedule(self) -> diffusion.DiffusionSchedule:
     """The forward process (constants; rebuilt per trace, folded into the program)."""
     return ops.make_schedule(self.num_timesteps, self.vocab_size)
@@ -147,7 +153,7 @@ class DiffusionPrior(TokenSequenceModel, nnx.Module):
   # ------------------------------------------------------------------ training
 
   def loss(self, tokens: jax.Array, condition: jax.Array | None = None, *,
-           key: jax.Array, deterministic: bool = False, condition_dropout: float = 0.0,
+           key: jax.Array, deterministic: bool = False, condition_dropout: float | None = None,
            timesteps: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Importance-sampled VLB + aux_weight × aux, in nats per token; and metrics.
 
@@ -155,7 +161,8 @@ class DiffusionPrior(TokenSequenceModel, nnx.Module):
     or [B, h, w] int ('semantic'). key: timestep, noise, dropout and condition-dropout
     randomness. deterministic: no dropout, and the importance-sampling history is left
     alone (it is updated in place only in training mode). condition_dropout: probability
-    that a row's condition is replaced by the learned null condition. timesteps: [B] int
+    that a row's condition is replaced by the learned null condition (default: the prior's
+    own `condition_dropout`). timesteps: [B] int
     in [0, T) to use instead of drawing t (for tests and per-t diagnostics); p(t) is still
     the current sampling probability of each t.
 
@@ -172,8 +179,7 @@ class DiffusionPrior(TokenSequenceModel, nnx.Module):
     x0 = self._check_tokens(tokens)
     batch = x0.shape[0]
     self.cond.check_condition(condition, batch)
-    if isinstance(condition_dropout, numbers.Real) and not 0.0 <= condition_dropout <= 1.0:
-      raise ValueError(f"condition_dropout must be in [0, 1], got {condition_dropout}.")
+    condition_dropout = self._check_condition_dropout(condition_dropout)
     schedule = self.schedule
     t_key, noise_key, drop_key, dropout_key = jax.random.split(key, 4)
     loss_sq, counts = self.loss_sq[...], self.loss_count[...]
@@ -184,10 +190,7 @@ class DiffusionPrior(TokenSequenceModel, nnx.Module):
       t = jnp.asarray(timesteps, jnp.int32)
       pt = diffusion.timestep_probs(loss_sq, counts, min_count=_WARMUP_COUNT)[t]
     x_t = ops.q_sample(noise_key, x0, t, schedule)
-    drop = None
-    if self.cond.kind != "none" and not (
-        isinstance(condition_dropout, numbers.Real) and condition_dropout == 0.0):
-      drop = jax.random.bernoulli(drop_key, condition_dropout, (batch,))
+    drop = self._drop_conditions(drop_key, condition_dropout, batch)
     prefix = self.cond(condition, batch_size=batch, drop=drop)
     log_p = self.predict_x0(x_t, t, prefix, deterministic=deterministic,
                             rngs=nnx.Rngs(dropout=dropout_key))
@@ -255,27 +258,24 @@ class DiffusionPrior(TokenSequenceModel, nnx.Module):
                             jnp.arange(self.num_timesteps, dtype=jnp.int32))
     return total + prior
 
+  def heldout_nll(self, tokens: jax.Array, condition: jax.Array | None = None, *,
+                  key: jax.Array) -> jax.Array:
+    """−ELBO ≥ −log p in nats per sequence, [B]: the unbiased one-t estimate."""
+    return self.negative_elbo(tokens, condition, key=key)
+
   # ------------------------------------------------------------------ sampling
 
-  def sample(self, key: jax.Array, condition: jax.Array | None = None, *,
-             num_samples: int, num_steps: int | None = None, truncation_rate: float = 1.0,
-             temperature: float = 1.0, guidance_scale: float = 1.0) -> jax.Array:
-    """Samples tokens [num_samples, L] int32 in [0, K) (or [num_samples, L, M]).
-
-    Starts from all-[MASK] and runs `num_steps` reverse steps (None or 0: all T). With
+  def _checked_sample_options(self, *, num_steps: int | None = None,
+                              truncation_rate: float = 1.0, temperature: float = 1.0,
+                              guidance_scale: float = 1.0) -> dict[str, Any]:
+    """Starts from all-[MASK] and runs `num_steps` reverse steps (None or 0: all T). With
     fewer steps the timesteps are evenly spaced from T−1 down to 0 and each step draws
     from the exact strided posterior q(x_s|x_t, p(x_0|x_t)) to the next one; the last
     step draws x_0 and never [MASK]. Per step, p(x_0|x_t) is guided (classifier-free,
     against the learned null condition, conditional and null rows in one batch), then
     tempered (log p / temperature, renormalized), then truncated to `truncation_rate` of
     its mass (`ops.truncate`). Jitted (one compile per set of static options).
-
-    condition: None ('none'), [num_samples] int ('class'), [num_samples, h, w] int
-    ('semantic').
     """
-    if not isinstance(num_samples, int) or num_samples < 1:
-      raise ValueError(f"num_samples must be a positive int, got {num_samples!r}.")
-    self.cond.check_condition(condition, num_samples)
     steps = self.num_timesteps if num_steps in (None, 0) else num_steps
     if not isinstance(steps, int) or not 1 <= steps <= self.num_timesteps:
       raise ValueError(f"num_steps must be an int in [1, T={self.num_timesteps}] (or None "
@@ -284,25 +284,15 @@ class DiffusionPrior(TokenSequenceModel, nnx.Module):
       raise ValueError(f"truncation_rate must lie in (0, 1], got {truncation_rate}.")
     if not float(temperature) > 0.0:
       raise ValueError(f"temperature must be > 0, got {temperature}.")
-    if float(guidance_scale) != 1.0 and self.cond.kind == "none":
-      raise ValueError("classifier-free guidance (guidance_scale != 1) needs a class or "
-                       "semantic condition; this prior is unconditional.")
-    graphdef, state = nnx.split(self)
-    options = dict(num_samples=num_samples, num_steps=steps,
-                   truncation_rate=float(truncation_rate), temperature=float(temperature),
-                   guidance_scale=float(guidance_scale))
-    return _sample_jit(graphdef, state, key, condition, **options)
+    return dict(num_steps=steps, truncation_rate=float(truncation_rate),
+                temperature=float(temperature), guidance_scale=float(guidance_scale))
 
   def _sample_impl(self, key, condition, *, num_samples, num_steps, truncation_rate,
                    temperature, guidance_scale):
     n, vocab = num_samples, self.vocab_size
     schedule = self.schedule
     guided = guidance_scale != 1.0
-    batch = 2 * n if guided else n
-    drop = None
-    if guided:
-      condition = jnp.concatenate([condition, condition], axis=0)
-      drop = jnp.arange(batch) >= n  # rows n.. are the null-condition branch
+    condition, drop, batch = self._guidance_batch(condition, n, guidance_scale)
     prefix = self.cond(condition, batch_size=batch, drop=drop)  # same at every step
     times, targets = diffusion.sampling_timesteps(self.num_timesteps, num_steps)
 
@@ -328,9 +318,3 @@ class DiffusionPrior(TokenSequenceModel, nnx.Module):
     x, _ = jax.lax.scan(step, x, steps)
     return self._output(x)
 
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "num_steps",
-                                             "truncation_rate", "temperature",
-                                             "guidance_scale"))
-def _sample_jit(graphdef, state, key, condition, **options):
-  return nnx.merge(graphdef, state)._sample_impl(key, condition, **options)

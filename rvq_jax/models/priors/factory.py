@@ -1,42 +1,34 @@
-"""Builds either prior (AR transformer, VQ-Diffusion) from a run config.
+"""The prior registry: each kind's class, built from its stage config.
 
 Both priors see the tokenizer's tokens as a raster sequence of L = h·w positions, each
-one token from K codes, or M sub-tokens for a factorized (FQ) tokenizer. This module
-reads that layout from the tokenizer's config so that a prior always matches the
-tokenizer it models.
+one token from K codes or M sub-tokens for a factorized (FQ) tokenizer (`TokenLayout`,
+which the caller reads off the tokenizer, so that a prior always matches it).
 """
 from __future__ import annotations
 
-import ml_collections
+from collections.abc import Mapping
+from typing import Any
+
 from flax import nnx
 
 from rvq_jax.models.priors.ar import ARPrior
+from rvq_jax.models.priors.base import Prior
 from rvq_jax.models.priors.diffusion import DiffusionPrior
 from rvq_jax.models.priors.token_layout import TokenLayout
 
-
-def token_layout(config: ml_collections.ConfigDict) -> TokenLayout:
-  factor = 2 ** (len(config.model.ch_mult) - 1)
-  side = config.data.image_size // factor
-  factorized = config.quantizer.kind in ("fq", "regfq")
-  return TokenLayout(vocab_size=config.quantizer.num_codes,
-                     num_subtokens=config.quantizer.num_branches if factorized else 1,
-                     grid_size=(side, side))
+PRIORS: dict[str, type[Prior]] = {"ar": ARPrior, "diffusion": DiffusionPrior}
 
 
-def build_prior(config: ml_collections.ConfigDict, kind: str, *, rngs: nnx.Rngs):
-  """The `kind` ('ar' | 'diffusion') prior for the tokens of `config`'s tokenizer."""
-  layout = token_layout(config)
-  settings = config[kind]
-  common = dict(vocab_size=layout.vocab_size, num_subtokens=layout.num_subtokens,
-                grid_size=layout.grid_size, condition=config.prior.condition,
-                num_classes=config.prior.num_classes, width=settings.model.width,
-                depth=settings.model.depth, num_heads=settings.model.num_heads,
-                mlp_ratio=settings.model.mlp_ratio, dropout=settings.model.dropout,
-                dtype=settings.model.dtype, rngs=rngs)
-  if kind == "ar":
-    return ARPrior(**common)
-  if kind == "diffusion":
-    return DiffusionPrior(num_timesteps=settings.num_timesteps,
-                          aux_weight=settings.aux_weight, **common)
-  raise ValueError(f"unknown prior {kind!r}: 'ar' or 'diffusion'")
+def prior_class(kind: str) -> type[Prior]:
+  try:
+    return PRIORS[kind]
+  except KeyError:
+    raise ValueError(f"unknown prior {kind!r}: choose from {tuple(PRIORS)}") from None
+
+
+def build_prior(kind: str, settings: Mapping[str, Any], layout: TokenLayout, *,
+                condition: str = "none", num_classes: int = 0, rngs: nnx.Rngs) -> Prior:
+  """The `kind` prior `settings` (`config.<kind>`) describes, over tokens laid out as
+  `layout`, conditioned on `condition` ('none' | 'class' | 'semantic')."""
+  return prior_class(kind).from_config(settings, layout, condition=condition,
+                                       num_classes=num_classes, rngs=rngs)

@@ -1,24 +1,20 @@
 """The image tokenizer: VQGAN encoder → quantizer → VQGAN decoder, any quantizer kind."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import jax
-import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
+from rvq_jax.models.layers import dtypes
 from rvq_jax.models.tokenizer import vqgan
 from rvq_jax.models.tokenizer.factorized_adapter import FactorizedEncoder
-from rvq_jax.models.tokenizer.quantizers import QuantizerOutput, build_quantizer
+from rvq_jax.models.tokenizer.quantizers import QuantizerOutput, registry
 from rvq_jax.models.tokenizer.representation_head import FeaturePredictionHead
 
 # Global feature width of the teachers rvq_jax ships (VGG relu5 pooled).
 TEACHER_FEATURE_DIM = 512
-
-FACTORIZED_KINDS = ("fq", "regfq")
-
-
-def _dtype(name: str):
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
 class Tokenizer(nnx.Module):
@@ -29,41 +25,53 @@ class Tokenizer(nnx.Module):
   logits), and `post_quant_conv` maps codes back to the decoder's width, as taming. In FQ
   mode the encoder has one adapter branch per sub-codebook on a shared trunk, each with
   its own `quant_conv`; the decoder sees the concatenated sub-codes.
+
+  Args:
+    model: `tokenizer.model` (VQGAN widths and depths, FQ adapter and head sizes, dtype).
+    quantizer: `tokenizer.quantizer` (kind, num_codes, code_dim, the kind's options).
+    image_size: the side of the square images it is built for (attention resolutions).
+    representation_head: build FQGAN's representation head (factorized kinds only).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    model, quantizer = config.model, config.quantizer
-    dtype = _dtype(model.dtype)
-    self.factorized = quantizer.kind in FACTORIZED_KINDS
-    self.downsampling_factor = 2 ** (len(model.ch_mult) - 1)
-    architecture = dict(ch=model.ch, ch_mult=tuple(model.ch_mult),
-                        num_res_blocks=model.num_res_blocks,
-                        attn_resolutions=tuple(model.attn_resolutions),
-                        resolution=config.data.image_size, z_channels=model.z_channels,
-                        dropout=model.dropout, dtype=dtype, rngs=rngs)
-    categorical = quantizer.kind in ("gumbel", "regvq", "regfq")
-    quantizer_in = model.z_channels if categorical else quantizer.code_dim
-    self.quantizer = build_quantizer(quantizer, in_features=quantizer_in, rngs=rngs)
+  def __init__(self, model: Mapping[str, Any], quantizer: Mapping[str, Any], *,
+               image_size: int, representation_head: bool = False, rngs: nnx.Rngs):
+    spec = registry.get(quantizer["kind"])
+    dtype = dtypes.compute_dtype(model["dtype"])
+    self.factorized = spec.factorized
+    self.num_subtokens = spec.num_subtokens(registry.options_of(quantizer))
+    self.downsampling_factor = 2 ** (len(model["ch_mult"]) - 1)
+    self.grid_size = image_size // self.downsampling_factor
+    architecture = dict(ch=model["ch"], ch_mult=tuple(model["ch_mult"]),
+                        num_res_blocks=model["num_res_blocks"],
+                        attn_resolutions=tuple(model["attn_resolutions"]),
+                        resolution=image_size, z_channels=model["z_channels"],
+                        dropout=model["dropout"], dtype=dtype, rngs=rngs)
+    quantizer_in = spec.input_width(model["z_channels"], quantizer["code_dim"])
+    self.quantizer = registry.build_quantizer(quantizer, in_features=quantizer_in, rngs=rngs)
     if self.factorized:
-      self.encoder = FactorizedEncoder(num_branches=quantizer.num_branches,
-                                       adapter_depth=model.adapter_depth,
-                                       adapter_heads=model.adapter_heads, **architecture)
+      self.encoder = FactorizedEncoder(num_branches=self.num_subtokens,
+                                       adapter_depth=model["adapter_depth"],
+                                       adapter_heads=model["adapter_heads"], **architecture)
       self.quant_convs = nnx.List([
-          vqgan.conv(model.z_channels, quantizer_in, 1, dtype=dtype, rngs=rngs)
-          for _ in range(quantizer.num_branches)])
+          vqgan.conv(model["z_channels"], quantizer_in, 1, dtype=dtype, rngs=rngs)
+          for _ in range(self.num_subtokens)])
     else:
       self.encoder = vqgan.Encoder(**architecture)
-      self.quant_conv = vqgan.conv(model.z_channels, quantizer_in, 1, dtype=dtype, rngs=rngs)
-    self.post_quant_conv = vqgan.conv(self.quantizer.code_dim, model.z_channels, 1,
+      self.quant_conv = vqgan.conv(model["z_channels"], quantizer_in, 1, dtype=dtype,
+                                   rngs=rngs)
+    self.post_quant_conv = vqgan.conv(self.quantizer.code_dim, model["z_channels"], 1,
                                       dtype=dtype, rngs=rngs)
     self.decoder = vqgan.Decoder(**architecture)
+    if representation_head and not self.factorized:
+      raise ValueError(f"the representation head needs a factorized quantizer (fq, regfq), "
+                       f"not {quantizer['kind']!r}.")
     # FQGAN's representation head: trained with the tokenizer, used only by its loss.
-    representation = self.factorized and config.loss.representation_weight > 0
     self.representation_head = nnx.data(FeaturePredictionHead(
-        quantizer.code_dim, model.representation_head_width,
-        num_blocks=model.representation_head_blocks, num_heads=model.representation_head_heads,
-        grid_size=config.data.image_size // self.downsampling_factor,
-        target_dim=TEACHER_FEATURE_DIM, dtype=dtype, rngs=rngs) if representation else None)
+        quantizer["code_dim"], model["representation_head_width"],
+        num_blocks=model["representation_head_blocks"],
+        num_heads=model["representation_head_heads"], grid_size=self.grid_size,
+        target_dim=TEACHER_FEATURE_DIM, dtype=dtype, rngs=rngs)
+        if representation_head else None)
 
   def encode(self, images: jax.Array, *, key: jax.Array | None = None, step=None,
              deterministic: bool | None = None) -> QuantizerOutput:

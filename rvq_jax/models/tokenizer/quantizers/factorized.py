@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rvq_jax import ops
+from rvq_jax.models.tokenizer.quantizers import registry, regularized, vector
 from rvq_jax.models.tokenizer.quantizers.output import QuantizerOutput
 
 
@@ -102,3 +103,42 @@ class FactorizedQuantizer(nnx.Module):
     quantized = jnp.concatenate([out.quantized for out in outputs], axis=-1)
     indices = jnp.stack([out.indices for out in outputs], axis=-1)
     return QuantizerOutput(quantized, indices, losses, stats, aux)
+
+
+def _factorized_spec(kind: str, sub: registry.QuantizerSpec, sub_options: dict,
+                     summary: str) -> registry.QuantizerSpec:
+  """M sub-quantizers of kind `sub`, each with the options `sub` takes."""
+  own = ("num_branches", "disentangle_weight")
+
+  def build(options, *, num_codes, code_dim, in_features, rngs):
+    if options["num_branches"] < 2:
+      raise ValueError(f"{kind} needs num_branches >= 2, got {options['num_branches']}.")
+    sub_config = {name: value for name, value in options.items() if name not in own}
+    subs = [sub.build(sub_config, num_codes=num_codes, code_dim=code_dim,
+                      in_features=in_features, rngs=rngs)
+            for _ in range(options["num_branches"])]
+    return FactorizedQuantizer(subs, disentangle_weight=options["disentangle_weight"])
+
+  def check(options):
+    problems = sub.check({name: value for name, value in options.items() if name not in own})
+    if options["num_branches"] < 2:
+      problems.append(f"num_branches={options['num_branches']} must be >= 2")
+    if options["disentangle_weight"] < 0:
+      problems.append("disentangle_weight must be >= 0")
+    return problems
+
+  return registry.QuantizerSpec(
+      kind=kind, build=build, categorical=sub.categorical, factorized=True, check=check,
+      options={**sub_options, "num_branches": 2, "disentangle_weight": 0.1},
+      # FQGAN's sub-codes are 8 wide.
+      variant={"code_dim": 8}, summary=summary)
+
+
+# FQGAN: cosine codes of width 8, entropy loss 0.03 on −d/0.01, disentanglement 0.1.
+FQ_SPEC = _factorized_spec(
+    "fq", vector.SPEC, {**vector.VQ_OPTIONS, "normalize": True, "entropy_weight": 0.03},
+    "FQGAN: M cosine VQ sub-codebooks on adapter branches + disentanglement loss")
+REGFQ_SPEC = _factorized_spec(
+    "regfq", regularized.SPEC, dict(regularized.REGVQ_OPTIONS),
+    "Reg-FQ: FQ with a Reg-VQ quantizer per sub-codebook")
+

@@ -7,6 +7,7 @@ from flax import nnx
 
 from rvq_jax import ops
 from rvq_jax.models.layers import partitioning
+from rvq_jax.models.tokenizer.quantizers import registry
 from rvq_jax.models.tokenizer.quantizers.output import QuantizerOutput, build_aux, check_input
 
 
@@ -103,3 +104,30 @@ class VectorQuantizer(nnx.Module):
     self.cluster_size[...] = cluster_size
     self.embed_sum[...] = embed_sum
     self.codebook[...] = _unit(codebook) if self.normalize else codebook
+
+
+def _check(options) -> list[str]:
+  problems = []
+  if not 0.0 < options["ema_decay"] < 1.0:
+    problems.append(f"ema_decay={options['ema_decay']} must lie in (0, 1)")
+  if options["beta"] < 0 or options["entropy_weight"] < 0:
+    problems.append("beta and entropy_weight must be >= 0")
+  if options["entropy_temperature"] <= 0:
+    problems.append("entropy_temperature must be > 0")
+  return problems
+
+
+def _build(options, *, num_codes: int, code_dim: int, in_features: int | None,
+           rngs: nnx.Rngs) -> VectorQuantizer:
+  if in_features not in (None, code_dim):
+    raise ValueError(f"vq quantizes its input directly: in_features ({in_features}) must "
+                     f"equal code_dim ({code_dim}).")
+  return VectorQuantizer(num_codes, code_dim, rngs=rngs, **options)
+
+
+# VQ-VAE/VQGAN: β = 0.25, learned codebook; FQGAN's variant is cosine codes + entropy loss.
+VQ_OPTIONS = dict(beta=0.25, normalize=False, use_ema=False, ema_decay=0.99,
+                  entropy_weight=0.0, entropy_temperature=0.01)
+SPEC = registry.QuantizerSpec(
+    kind="vq", build=_build, options=VQ_OPTIONS, categorical=False, check=_check,
+    summary="nearest code, straight-through; codebook + β·commitment loss (VQ-VAE/VQGAN)")
