@@ -9,6 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from rvq_jax import data
+from rvq_jax.data import token_arrays
 
 # Distinct colours for labels 0..9, so an image pixel tells which label it shows.
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
@@ -326,3 +327,217 @@ def test_to_global_array_shards_the_batch_over_the_data_axis(block_folder):
     np.testing.assert_array_equal(np.asarray(global_batch[key]), batch[key])
   shard_rows = {shard.data.shape[0] for shard in global_batch["image"].addressable_shards}
   assert shard_rows == {1} and len(global_batch["image"].addressable_shards) == 8
+
+
+# ------------------------------------------------------------ grain pipeline
+
+
+def _write_tokens(path, num=12, with_labels=True):
+  """A token file as --mode=encode writes it: example i has tokens all equal to i."""
+  arrays = {"indices": np.broadcast_to(np.arange(num, dtype=np.int32)[:, None, None],
+                                       (num, 2, 3)).copy()}
+  if with_labels:
+    arrays["label"] = (np.arange(num) % 3).astype(np.int32)
+  np.savez(path, **arrays)
+  return str(path)
+
+
+@pytest.fixture()
+def token_file(tmp_path):
+  return _write_tokens(tmp_path / "tokens.npz")
+
+
+def _tokens(path, *, split="train", batch_size=4, process_index=0, process_count=1, seed=0):
+  return token_arrays.create_token_dataset(
+      path, split=split, batch_size=batch_size, process_index=process_index,
+      process_count=process_count, seed=seed)
+
+
+@pytest.mark.parametrize("saved_on, restored_on", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_resume_from_every_step_matches_an_uninterrupted_run(block_folder, saved_on,
+                                                             restored_on):
+  """Saved after k steps on `saved_on` processes, restored in fresh iterators on
+  `restored_on`: the next batches (pixels, crops and flips included) are the ones an
+  uninterrupted run on `restored_on` processes reads, across epoch boundaries."""
+  config = _folder_config(*block_folder)
+  make = lambda index, count: data.create_dataset(config, split="train",
+                                                  process_index=index,
+                                                  process_count=count, seed=5)
+  uninterrupted = [_take(make(p, restored_on), 9) for p in range(restored_on)]
+  for k in (0, 2, 3, 4, 6):  # 3 steps per epoch: 3 and 6 start epochs.
+    states = []
+    for p in range(saved_on):
+      interrupted = make(p, saved_on)
+      _take(interrupted, k)
+      states.append(json.loads(json.dumps(interrupted.get_state())))
+      interrupted.close()
+    assert all(state == states[0] for state in states) and states[0]["step"] == k
+    for p in range(restored_on):
+      resumed = make(p, restored_on)
+      resumed.restore(states[0])
+      for expected in uninterrupted[p][k:k + 2]:
+        _assert_batches_equal(next(resumed), expected)
+      resumed.close()  # Closing stops the threads; the iterator still continues.
+      _assert_batches_equal(next(resumed), uninterrupted[p][k + 2])
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_process_slices_are_disjoint_blocks_of_the_global_batch(block_folder, split,
+                                                                process_count):
+  config = _folder_config(*block_folder, eval_path=block_folder[0],
+                          eval_label_path=block_folder[1], eval_batch_size=8,
+                          batch_size=8)
+  make = lambda index, count: data.create_dataset(config, split=split, process_index=index,
+                                                  process_count=count, seed=11)
+  whole = make(0, 1)
+  hosts = [make(p, process_count) for p in range(process_count)]
+  steps = 2 if split == "eval" else 4  # Eval: 12 examples, the second batch half padding.
+  for step in range(steps):
+    global_batch = next(whole)
+    parts = [next(host) for host in hosts]
+    indices, valid = whole.global_batch_indices(step)
+    np.testing.assert_array_equal(global_batch["index"], indices)
+    np.testing.assert_array_equal(global_batch["valid"], valid)
+    for host, part in zip(hosts, parts):
+      local_indices, local_valid = host.local_batch_indices(step)
+      np.testing.assert_array_equal(part["index"], local_indices)
+      np.testing.assert_array_equal(part["valid"], local_valid)
+      np.testing.assert_array_equal(host.global_batch_indices(step)[0], indices)
+    real = [set(part["index"][part["valid"]]) for part in parts]
+    assert sum(map(len, real)) == len(set().union(*real))  # Disjoint.
+    joined = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    _assert_batches_equal(joined, global_batch)
+  if split == "eval":
+    for iterator in [whole, *hosts]:
+      with pytest.raises(StopIteration):
+        next(iterator)
+
+
+def test_shuffle_differs_across_epochs_and_seeds_and_is_reproducible(token_file):
+  def epochs(seed, count=3):
+    iterator = _tokens(token_file, seed=seed)
+    batches = _take(iterator, 3 * count)  # 12 examples, batch 4: 3 steps per epoch.
+    return [np.concatenate([b["index"] for b in batches[3 * e:3 * e + 3]])
+            for e in range(count)]
+
+  run, again, other = epochs(0), epochs(0), epochs(1)
+  for epoch, order in enumerate(run):
+    assert sorted(order) == list(range(12))  # Every example once per epoch.
+    np.testing.assert_array_equal(order, again[epoch])
+    np.testing.assert_array_equal(order, data.epoch_permutation(12, 0, epoch))
+    assert not np.array_equal(order, other[epoch])
+  assert not np.array_equal(run[0], run[1]) and not np.array_equal(run[1], run[2])
+  # grain reseeds epoch e with shuffle_seed + e; the seed hash keeps run seeds 0 and 1
+  # from sharing shifted epochs.
+  assert not np.array_equal(run[1], other[0])
+  # Tokens carry their example: the batch holds what the source holds at 'index'.
+  batch = next(_tokens(token_file, seed=3))
+  np.testing.assert_array_equal(batch["tokens"][:, 0, 0], batch["index"])
+  np.testing.assert_array_equal(batch["label"], batch["index"] % 3)
+
+
+def test_augmentation_in_the_pipeline_is_seeded_by_seed_epoch_and_index(block_folder):
+  config = _folder_config(*block_folder)
+  iterator = data.create_dataset(config, split="train", process_index=0, process_count=1,
+                                 seed=2)
+  preprocess = data.preprocess_config(data.validate_config(config), training=True)
+  images = {}
+  for step, batch in enumerate(_take(iterator, 6)):
+    epoch = step // iterator.steps_per_epoch
+    for row, index in enumerate(batch["index"]):
+      expected = data.preprocess_example(iterator.source[int(index)], preprocess, seed=2,
+                                         epoch=epoch, index=int(index))
+      np.testing.assert_array_equal(batch["image"][row], expected["image"])
+      images.setdefault(int(index), []).append(batch["image"][row])
+  # The same example is augmented differently in epochs 0 and 1.
+  assert all(not np.array_equal(*pair) for pair in images.values())
+
+
+def test_iterator_state_is_a_small_json_dict(token_file):
+  iterator = _tokens(token_file, seed=4)
+  _take(iterator, 5)
+  state = iterator.get_state()
+  assert json.loads(json.dumps(state)) == state
+  assert state["step"] == 5 and all(isinstance(v, (int, str)) for v in state.values())
+  assert len(json.dumps(state)) < 200
+  with pytest.raises(ValueError, match="seed"):
+    _tokens(token_file, seed=5).restore(state)
+  # A state saved before the grain pipeline (no 'order') resumes at its step.
+  legacy = {key: value for key, value in state.items() if key != "order"}
+  resumed = _tokens(token_file, seed=4)
+  resumed.restore(legacy)
+  assert resumed.get_state() == state
+
+
+def test_num_workers_do_not_change_the_batches(block_folder):
+  batches = [
+      _take(data.create_dataset(_folder_config(*block_folder, num_workers=workers,
+                                               prefetch_batches=prefetch),
+                                split="train", process_index=0, process_count=1, seed=1), 4)
+      for workers, prefetch in ((1, 0), (3, 2))]
+  config = data.validate_config(_folder_config(*block_folder))
+  in_calling_thread = data.BatchIterator(  # num_workers=0: no read threads at all.
+      data.create_source(config, split="train"),
+      data.preprocess_config(config, training=True), global_batch_size=4, seed=1,
+      num_workers=0)
+  batches.append(_take(in_calling_thread, 4))
+  for other in batches[1:]:
+    for first, second in zip(batches[0], other):
+      _assert_batches_equal(first, second)
+
+
+class _FlakySource:
+  """Example i = {'x': [i, i]}; reading `broken` raises while `failing` is set."""
+
+  path = "memory"
+
+  def __init__(self, size, broken):
+    self.size, self.broken, self.failing = size, broken, True
+
+  def __len__(self):
+    return self.size
+
+  def __getitem__(self, index):
+    if self.failing and index == self.broken:
+      raise OSError(f"transient read error at {index}")
+    return {"x": np.full((2,), index, np.int32)}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_failed_read_leaves_the_iterator_at_its_step(num_workers):
+  make = lambda source: data.BatchIterator(source, None, global_batch_size=4, seed=0,
+                                           num_workers=num_workers)
+  expected = _take(make(_FlakySource(10, broken=-1)), 6)
+  step_of = next(step for step, b in enumerate(expected) if 7 in b["index"])
+  source = _FlakySource(10, broken=7)
+  iterator = make(source)
+  for batch in expected[:step_of]:
+    _assert_batches_equal(next(iterator), batch)
+  with pytest.raises(OSError, match="transient"):
+    next(iterator)
+  assert iterator.get_state()["step"] == step_of
+  source.failing = False
+  for batch in expected[step_of:]:
+    _assert_batches_equal(next(iterator), batch)
+
+
+def test_token_eval_is_one_padded_ordered_pass_and_train_resumes(tmp_path):
+  path = _write_tokens(tmp_path / "tokens.npz", num=10, with_labels=False)
+  parts = [_tokens(path, split="eval", process_index=p, process_count=2) for p in range(2)]
+  batches = [list(part) for part in parts]
+  assert [len(b) for b in batches] == [3, 3]  # ceil(10 / 4) steps.
+  joined = [np.concatenate([b0["index"], b1["index"]]) for b0, b1 in zip(*batches)]
+  valid = np.concatenate([np.concatenate([b0["valid"], b1["valid"]])
+                          for b0, b1 in zip(*batches)])
+  assert list(np.concatenate(joined)[valid]) == list(range(10)) and valid.sum() == 10
+  assert set(batches[0][0]) == {"tokens", "index", "valid"}
+  assert parts[0].element_spec["tokens"].shape == (2, 2, 3)
+
+  uninterrupted = _take(_tokens(path, seed=9), 7)
+  interrupted = _tokens(path, seed=9)
+  _take(interrupted, 3)
+  resumed = _tokens(path, seed=9)
+  resumed.restore(json.loads(json.dumps(interrupted.get_state())))
+  for expected in uninterrupted[3:]:
+    _assert_batches_equal(next(resumed), expected)

@@ -12,8 +12,9 @@
 
 Layers: `sources` (random access to raw uint8 images, label maps, class labels),
 `preprocess` (resize, crop, flip, [-1, 1], randomness from (seed, epoch, index)),
-`iterator` (global per-epoch order, per-host slices, thread-pool decoding,
-resumable state), `factory` (the data config).
+`iterator` (the grain pipeline: global per-epoch order, per-host slices, threaded
+decoding, resumable state), `token_arrays` (pre-tokenized data through the same
+pipeline), `factory` (the data config).
 """
 from rvq_jax.data.factory import (SOURCES, SPLITS, create_dataset, create_source,
                                   get_default_config, preprocess_config, resolve_config,

@@ -30,7 +30,7 @@ errors (they are almost always typos). Fields, by group:
   -- source='embedded' (photographs inside the scikit-image wheel; no download)
   embedded_train_crops_per_photo, embedded_eval_crops_per_photo, embedded_crop_seed
   -- loading
-  num_workers             decoding threads per host
+  num_workers             decoding threads per host (grain ReadOptions.num_threads)
   prefetch_batches        global steps decoded ahead
 
 Splits: 'train' repeats forever, shuffled per epoch from the seed, with augmentation,
@@ -240,8 +240,9 @@ def create_dataset(data_config, *, split: str, process_index: int | None = None,
       'train', data_config.eval_batch_size (or batch_size) for 'eval'.
 
   Returns:
-    A `BatchIterator`; `next(it)` is this host's batch of B/P rows, `it.get_state()` /
-    `it.restore(state)` checkpoint and resume it, `it.source` is the source.
+    A `BatchIterator` (a grain pipeline); `next(it)` is this host's batch of B/P rows,
+    `it.get_state()` / `it.restore(state)` checkpoint and resume it, `it.source` is the
+    source.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count

@@ -1,21 +1,43 @@
-"""Deterministic, resumable, multi-host batch iterator, and per-host → global arrays.
+"""Deterministic, resumable, multi-host batch iterator on grain, and per-host → global arrays.
 
-Global order: epoch e visits the source in the permutation drawn from (seed, e) (or in
-index order without shuffling). Global batch t of an epoch is the B consecutive
-entries t·B … t·B+B−1 of that order; process p of P reads only rows
-p·B/P … (p+1)·B/P−1 of it. Every host computes the same permutation from the seed,
-so no communication is needed, and the union of the hosts' slices is exactly the
-batch a single process would read.
+The pipeline is grain's `MapDataset` → `IterDataset` API, not `grain.DataLoader`:
+
+  order    grain.MapDataset.range(N).shuffle(seed)   element e·N + k = example k of epoch e
+                                                     (grain reseeds every epoch)
+  rows     MapDataset.range(R).repeat(num_epochs)    R = steps_per_epoch · B global rows per
+           .map_with_index(GlobalRow)                epoch: drops the last incomplete batch
+                                                     (training) or pads it (eval, valid=False)
+  shard    ProcessRows(rows, B, p, P)                this process's block of each global batch
+  read     .map(ReadSource(source))                  the source's raw example (grain source)
+           .map(Preprocess(config, seed))            resize / crop / flip, seeded per example
+  batch    .to_iter_dataset(grain.ReadOptions(num_threads=num_workers, ...)).batch(B/P)
+
+Why not `DataLoader`: its `IndexSampler` shards the *records* over processes and each
+process batches its own shard, so the global batch (and its row order) would depend on
+the process count, batches would straddle epochs, and the per-record random seeds would
+change with the sharding. Random access (`MapDataset`) lets every step be computed
+from its index alone: global batch t of an epoch is the B consecutive entries t·B …
+t·B+B−1 of that epoch's order, and process p reads only rows p·B/P … (p+1)·B/P−1 of it
+(`ProcessRows`, the batch-major counterpart of grain's `ds[p::P]`). Every host
+computes the same order from the seed, no communication is needed, and the union of
+the hosts' slices is exactly, row for row, the batch a single process would read.
+Augmentation draws come from (seed, epoch, example index) (`preprocess`), never
+from grain's per-position `random_map` seeds, so the same example gets the same pixels
+on 1 host or 64. Decoding runs in grain's thread pool (`ReadOptions.num_threads` =
+`num_workers`; PIL and the array_record reader release the GIL), `prefetch_batches`
+steps ahead of the consumer; `num_workers=0` reads in the calling thread. Processes
+(`mp_prefetch`) are not used: threads suffice for GIL-free decoding, and they keep the
+state a single number.
 
 The whole iterator state is the global step (plus fields that detect a mismatched
-restore), a small dict that goes into the checkpoint next to the model:
+restore), a small JSON dict that goes into the checkpoint next to the model. The grain
+iterator is positioned from it with `grain.experimental.set_next_index` (its own state,
+`{'next_index': step·B/P}`, is per-process; the global step restores on any process
+count):
 
   state = iterator.get_state()      # {'step': 1200, 'seed': 0, ...}
   ...
   iterator.restore(state)           # next batch = the one an uninterrupted run sees
-
-Decoding runs in a thread pool (PIL and the array_record reader release the GIL),
-`prefetch_batches` global steps ahead of the consumer.
 
 Per-host batch, B_local = B / P rows:
   'image'      float32 (B_local, S, S, 3) in [-1, 1]
@@ -26,33 +48,153 @@ Per-host batch, B_local = B / P rows:
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import math
+import sys
 from typing import Any, Mapping
 
+import grain
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rvq_jax.data.preprocess import PreprocessConfig, preprocess_example
-from rvq_jax.data.sources import ImageSource
 
-PERMUTATION_STREAM = 0x706572  # "per": first word of the per-epoch shuffle seed.
+PERMUTATION_STREAM = 0x706572  # "per": first word of the shuffle seed's hash.
+# Names the order of the iterator state's 'step': a state saved under another order
+# (the pre-grain iterator's numpy permutations) resumes at the same step in this order.
+ORDER = "grain-index-shuffle"
+
+
+# ------------------------------------------------------------------ order
+
+
+def shuffle_seed(seed: int) -> int:
+  """grain's 32-bit shuffle seed for a run seed.
+
+  grain shuffles epoch e with seed `shuffle_seed + e`; hashing the run seed keeps run
+  seeds s and s+1 from seeing each other's epochs shifted by one.
+  """
+  state = np.random.SeedSequence([PERMUTATION_STREAM, seed % 2**63]).generate_state(1)
+  return int(state[0])
+
+
+def example_order(num_examples: int, seed: int, shuffle: bool = True) -> grain.MapDataset:
+  """The visiting order: element e·N + k is the source index of example k of epoch e."""
+  order = grain.MapDataset.range(num_examples)
+  return order.shuffle(seed=shuffle_seed(seed)) if shuffle else order
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   """The visiting order of epoch `epoch`: int64 (num_examples,), a function of (seed, epoch)."""
-  rng = np.random.default_rng([PERMUTATION_STREAM, seed % 2**63, epoch])
-  return rng.permutation(num_examples)
+  order = example_order(num_examples, seed)
+  start = epoch * num_examples
+  return np.fromiter((order[start + k] for k in range(num_examples)), np.int64,
+                     count=num_examples)
+
+
+class GlobalRow(grain.transforms.MapWithIndex):
+  """Row g of the global stream (row g % B of global batch g // B) → its example.
+
+  Element → {'index': source index, 'epoch', 'valid'}. Each epoch has R rows
+  (R = steps_per_epoch · B); rows past the epoch's N examples pad its last batch with
+  the epoch's first example, marked valid=False.
+  """
+
+  def __init__(self, order: grain.MapDataset, num_examples: int, rows_per_epoch: int):
+    self.order, self.num_examples, self.rows_per_epoch = order, num_examples, rows_per_epoch
+
+  def map_with_index(self, index: int, position: int) -> dict[str, Any]:
+    epoch = index // self.rows_per_epoch
+    valid = position < self.num_examples
+    example = self.order[epoch * self.num_examples + (position if valid else 0)]
+    return {"index": np.int32(example), "epoch": epoch, "valid": np.bool_(valid)}
+
+
+class ProcessRows(grain.MapDataset):
+  """This process's rows of every global batch of `parent` (batch-major sharding).
+
+  Local row j is global row (j // b)·B + p·b + j % b, with b = B/P: process p reads
+  the contiguous block p·b … (p+1)·b−1 of each global batch, so the P processes'
+  batches, concatenated in process order, are the global batch row for row, for any P.
+  (grain's `ds[p::P]` would interleave rows, and `grain.sharding` would shard the
+  examples, so the global batch would depend on P.)
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, global_batch_size: int,
+               process_index: int, process_count: int):
+    super().__init__(parent)
+    self._global_batch_size = global_batch_size
+    self._local_batch_size = global_batch_size // process_count
+    self._process_index, self._process_count = process_index, process_count
+
+  def __len__(self) -> int:
+    length = len(self._parent)
+    return length if length >= sys.maxsize else length // self._process_count
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    step, row = divmod(index, self._local_batch_size)
+    return self._parent[step * self._global_batch_size
+                        + self._process_index * self._local_batch_size + row]
+
+  def __str__(self) -> str:
+    return (f"ProcessRows(process={self._process_index}/{self._process_count}, "
+            f"global_batch={self._global_batch_size})")
+
+
+# --------------------------------------------------------------- reading
+
+
+class ReadSource(grain.transforms.Map):
+  """A row {'index', 'epoch', 'valid'} → the source's raw example plus those fields.
+
+  The source is read as a grain random-access source (`grain.MapDataset.source`); its
+  own skip-and-count of unreadable examples (`rvq_jax.data.sources`) stays inside it.
+  """
+
+  def __init__(self, source):
+    self.source = source
+    self._examples = grain.MapDataset.source(source)
+
+  def map(self, row: dict[str, Any]) -> dict[str, Any]:
+    return {**self._examples[int(row["index"])], **row}
+
+
+class Preprocess(grain.transforms.Map):
+  """A raw example → fixed-size arrays (`preprocess_example`), seeded by (seed, epoch,
+  index), so the result is the same on any process count, thread, or resume."""
+
+  def __init__(self, config: PreprocessConfig, seed: int):
+    self.config, self.seed = config, seed
+
+  def map(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
+    index = example["index"]
+    out = preprocess_example(example, self.config, seed=self.seed, epoch=example["epoch"],
+                             index=int(index))
+    out["index"], out["valid"] = index, example["valid"]
+    return out
+
+
+class DropEpoch(grain.transforms.Map):
+  """Drops the 'epoch' field (sources that need no augmentation)."""
+
+  def map(self, example: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in example.items() if key != "epoch"}
+
+
+# -------------------------------------------------------------- iterator
 
 
 class BatchIterator:
-  """Per-host batches of one source, in a global order fixed by the seed.
+  """Per-host batches of one source, in a global order fixed by the seed (on grain).
 
   Args:
-    source: random-access examples (see `rvq_jax.data.sources`).
-    preprocess: sizes and augmentation; `preprocess.training` decides random vs. fixed.
+    source: random-access examples (see `rvq_jax.data.sources`; anything with
+      `__len__`, `__getitem__` and `path`, i.e. a grain RandomAccessDataSource).
+    preprocess: sizes and augmentation; `preprocess.training` decides random vs. fixed;
+      None = batch the source's examples as they are (e.g. token arrays).
     global_batch_size: B, rows per step over all processes.
     process_index, process_count: this host's p and P; B must divide by P.
     seed: fixes the per-epoch order and every augmentation.
@@ -61,11 +203,11 @@ class BatchIterator:
     drop_remainder: drop the last incomplete global batch of each epoch (training);
       else pad it with copies of the epoch's first example marked `valid=False`
       (eval: every example is seen exactly once, shapes stay fixed).
-    num_workers: decoding threads.
-    prefetch_batches: global steps decoded ahead of the consumer.
+    num_workers: grain read threads (0 = read in the calling thread).
+    prefetch_batches: steps read ahead of the consumer (with num_workers > 0).
   """
 
-  def __init__(self, source: ImageSource, preprocess: PreprocessConfig, *,
+  def __init__(self, source, preprocess: PreprocessConfig | None, *,
                global_batch_size: int, process_index: int = 0, process_count: int = 1,
                seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
                drop_remainder: bool = True, num_workers: int = 4,
@@ -80,6 +222,8 @@ class BatchIterator:
     if num_epochs is not None and num_epochs < 1:
       raise ValueError(f"num_epochs must be None or >= 1, got {num_epochs}.")
     num_examples = len(source)
+    if not num_examples:
+      raise ValueError(f"{source.path} has no examples.")
     if drop_remainder and num_examples < global_batch_size:
       raise ValueError(f"{source.path} has {num_examples} examples, fewer than the global "
                        f"batch size {global_batch_size}, so no full batch exists.")
@@ -94,57 +238,56 @@ class BatchIterator:
     self.steps_per_epoch = (num_examples // self.global_batch_size if drop_remainder else
                             math.ceil(num_examples / self.global_batch_size))
     self.num_steps = None if num_epochs is None else num_epochs * self.steps_per_epoch
-    self._num_workers = max(1, int(num_workers))
-    self._prefetch_batches = max(0, int(prefetch_batches))
-    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-    self._pending: collections.deque = collections.deque()
-    self._permutation_cache: tuple[int, np.ndarray] | None = None
-    self._step = 0           # the next step __next__ returns
-    self._next_submit = 0    # the next step to hand to the thread pool
+    self.num_workers = max(0, int(num_workers))
+    self.prefetch_batches = max(0, int(prefetch_batches))
+
+    rows_per_epoch = self.steps_per_epoch * self.global_batch_size
+    order = example_order(num_examples, self.seed, self.shuffle)
+    # The global stream of rows: what a single process would read.
+    self.global_rows = (grain.MapDataset.range(rows_per_epoch).repeat(num_epochs)
+                        .map_with_index(GlobalRow(order, num_examples, rows_per_epoch)))
+    self.local_rows = ProcessRows(self.global_rows, global_batch_size=self.global_batch_size,
+                                  process_index=self.process_index,
+                                  process_count=self.process_count)
+    examples = self.local_rows.map(ReadSource(source))
+    examples = examples.map(Preprocess(preprocess, self.seed) if preprocess is not None
+                            else DropEpoch())
+    buffer = ((self.prefetch_batches + 1) * self.per_process_batch_size
+              if self.num_workers else 0)
+    self.dataset = examples.to_iter_dataset(grain.ReadOptions(
+        num_threads=self.num_workers, prefetch_buffer_size=buffer)).batch(
+            self.per_process_batch_size)
+    self._iterator: grain.DatasetIterator | None = None  # Made on the first `next`.
+    self._step = 0  # The next step __next__ returns.
 
   # ------------------------------------------------------------------ order
 
-  def _order(self, epoch: int) -> np.ndarray:
-    if not self.shuffle:
-      return np.arange(self.num_examples)
-    if self._permutation_cache is None or self._permutation_cache[0] != epoch:
-      self._permutation_cache = (epoch, epoch_permutation(self.num_examples, self.seed, epoch))
-    return self._permutation_cache[1]
+  def _rows(self, dataset: grain.MapDataset, start: int, count: int):
+    rows = [dataset[start + r] for r in range(count)]
+    return (np.array([row["index"] for row in rows], np.int64),
+            np.array([row["valid"] for row in rows], np.bool_))
 
   def global_batch_indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     """Source indices int64 (B,) and validity bool (B,) of global batch `step`."""
-    epoch, position = divmod(step, self.steps_per_epoch)
-    order = self._order(epoch)
-    positions = position * self.global_batch_size + np.arange(self.global_batch_size)
-    valid = positions < self.num_examples
-    # Padding rows repeat the epoch's first example; `valid` masks them out.
-    return order[np.where(valid, positions, 0)], valid
+    return self._rows(self.global_rows, step * self.global_batch_size,
+                      self.global_batch_size)
 
   def local_batch_indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     """This process's contiguous slice (B/P,) of `global_batch_indices(step)`."""
-    indices, valid = self.global_batch_indices(step)
-    rows = slice(self.process_index * self.per_process_batch_size,
-                 (self.process_index + 1) * self.per_process_batch_size)
-    return indices[rows], valid[rows]
+    return self._rows(self.local_rows, step * self.per_process_batch_size,
+                      self.per_process_batch_size)
 
   # --------------------------------------------------------------- loading
 
-  def _load_one(self, epoch: int, index: int) -> dict[str, np.ndarray]:
-    example = self.source[index]
-    return preprocess_example(example, self.preprocess, seed=self.seed, epoch=epoch,
-                              index=index)
-
-  def _submit(self, step: int) -> None:
-    if self._pool is None:
-      self._pool = concurrent.futures.ThreadPoolExecutor(self._num_workers,
-                                                         thread_name_prefix="rvq_data")
-    epoch = step // self.steps_per_epoch
-    indices, valid = self.local_batch_indices(step)
-    futures = [self._pool.submit(self._load_one, epoch, int(i)) for i in indices]
-    self._pending.append((step, indices, valid, futures))
-
   def _finished(self, step: int) -> bool:
     return self.num_steps is not None and step >= self.num_steps
+
+  def _grain_iterator(self) -> grain.DatasetIterator:
+    if self._iterator is None:
+      self._iterator = iter(self.dataset)
+      if self._step:
+        grain.experimental.set_next_index(self._iterator, self._step)
+    return self._iterator
 
   def __iter__(self) -> "BatchIterator":
     return self
@@ -152,31 +295,23 @@ class BatchIterator:
   def __next__(self) -> dict[str, np.ndarray]:
     if self._finished(self._step):
       raise StopIteration
-    while (len(self._pending) <= self._prefetch_batches
-           and not self._finished(self._next_submit)):
-      self._submit(self._next_submit)
-      self._next_submit += 1
-    step, indices, valid, futures = self._pending.popleft()
-    assert step == self._step, (step, self._step)
+    iterator = self._grain_iterator()
     try:
-      examples = [future.result() for future in futures]
+      batch = next(iterator)
     except BaseException:
-      # Leave the iterator at this step, so that a retry re-reads the same batch.
-      self._cancel_pending()
-      self._next_submit = self._step
+      # Leave the iterator at this step, so that a retry re-reads the same batch
+      # (grain has already dropped the failed element from its buffer).
+      grain.experimental.set_next_index(iterator, self._step)
       raise
-    batch = {key: np.stack([example[key] for example in examples]) for key in examples[0]}
-    batch["index"] = indices.astype(np.int32)
-    batch["valid"] = valid.copy()
     self._step += 1
     return batch
 
   # ----------------------------------------------------------------- state
 
-  def get_state(self) -> dict[str, int]:
+  def get_state(self) -> dict[str, Any]:
     """A JSON-serializable dict: the next global step and the fields that fix the order."""
     return {"step": self._step, "seed": self.seed, "num_examples": self.num_examples,
-            "global_batch_size": self.global_batch_size}
+            "global_batch_size": self.global_batch_size, "order": ORDER}
 
   def restore(self, state: Mapping[str, Any]) -> None:
     """Continues from `state` (from `get_state`): the next batch is batch state['step'].
@@ -194,31 +329,27 @@ class BatchIterator:
             f"data iterator state was saved with {key}={int(state[key])}, but this "
             f"iterator has {key}={getattr(self, key)}; resuming would not continue the "
             "saved order. Restore {'step': n} alone to accept the change.")
+    if "seed" in state and state.get("order") != ORDER:
+      logging.warning("The data iterator state %s was saved with another example order "
+                      "(%r, not %r): the run continues at its step in this order.",
+                      dict(state), state.get("order"), ORDER)
     step = int(state["step"])
     if step < 0:
       raise ValueError(f"data iterator step must be >= 0, got {step}.")
-    self._cancel_pending()
-    self._step = self._next_submit = step
+    self._step = step
+    if self._iterator is not None:
+      # Drops what grain has prefetched for other steps.
+      grain.experimental.set_next_index(self._iterator, step)
 
   def reset(self) -> None:
     """Back to the first batch (e.g. before each pass over an eval set)."""
     self.restore({"step": 0})
 
-  def _cancel_pending(self) -> None:
-    # Prefetched work for steps we no longer want: cancel what has not started and
-    # drop the rest (its results are never read).
-    for _, _, _, futures in self._pending:
-      for future in futures:
-        future.cancel()
-    self._pending.clear()
-
   def close(self) -> None:
-    """Stops the decoding threads; the iterator can still `restore` and continue."""
-    self._cancel_pending()
-    self._next_submit = self._step
-    if self._pool is not None:
-      self._pool.shutdown(wait=True, cancel_futures=True)
-      self._pool = None
+    """Stops the read threads; the iterator can still `restore` and continue."""
+    if self._iterator is not None:
+      self._iterator.close()
+      self._iterator = None
 
   def __enter__(self) -> "BatchIterator":
     return self

@@ -8,9 +8,12 @@ arrays `encode` wrote once (faster when the tokenizer is large). The file is an 
   'label_map'  int32 (N, h, w)                  if the data had label maps (at token size)
   'index'      int32 (N,)                       the example's index in its image source
 
-Batches follow exactly the order rules of `rvq_jax.data.iterator.BatchIterator` (same
-seed → same permutation, same per-process slices, same checkpointable state): a batch
-is {'tokens', 'label'?, 'label_map'?, 'index', 'valid'}.
+Batches come from the same grain pipeline as images (`rvq_jax.data.iterator.BatchIterator`:
+same seed → same order, same per-process slices, same checkpointable state), without
+the preprocessing; a batch is {'tokens', 'label'?, 'label_map'?, 'index', 'valid'}.
+`TokenArraySource` is a grain random-access source (`__len__`, `__getitem__`); the
+arrays are in host memory, so grain reads them in the calling thread (num_threads=0,
+as grain advises for in-memory data).
 """
 from __future__ import annotations
 
@@ -61,12 +64,8 @@ class TokenBatchIterator(BatchIterator):
   augmentation: the tokens are fixed)."""
 
   def __init__(self, source: TokenArraySource, **kwargs: Any):
-    kwargs.setdefault("num_workers", 1)
+    kwargs.setdefault("num_workers", 0)  # In memory: no read threads.
     super().__init__(source, preprocess=None, **kwargs)
-
-  def _load_one(self, epoch: int, index: int) -> dict[str, np.ndarray]:
-    del epoch
-    return self.source[index]
 
   @property
   def element_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
