@@ -102,8 +102,7 @@ PCL_WEIGHT = 0.1
 RUNS = (
     Run("vq", "VQ", "vq"),
     Run("vq_l2", "VQ, L2-normalized codes", "vq", quantizer=(("normalize", True),)),
-    # Taming's GumbelQuantize schedule, spelled out: the base config's Reg-VQ temperature
-    # keys (constant 1.0) would otherwise replace the Gumbel default 0.9 → 1e-6.
+    # Taming's GumbelQuantize schedule (the gumbel block's defaults), spelled out.
     Run("gumbel", "Gumbel-VQ", "gumbel",
         quantizer=(("temperature_start", 0.9), ("temperature_end", 1e-6),
                    ("temperature_anneal_steps", 1_000_000))),
@@ -189,20 +188,21 @@ def build_config(run: Run, args: argparse.Namespace, *, lpips: bool, vgg19: bool
     config.data.update(source="folder", path=args.data, eval_path=args.eval_data or args.data)
   # Two decoding threads are plenty for 32-pixel crops and leave the cores to XLA.
   config.data.update(image_size=args.image_size, num_workers=2, prefetch_batches=2)
-  config_lib.apply_quantizer_kind(config, run.kind)
-  config.quantizer.num_codes = args.num_codes
-  config.quantizer.update(dict(run.quantizer))
-  config.loss.update(perceptual_weight=1.0 if lpips else 0.0,
-                     disc_start=args.steps + 1 if not args.gan else config.loss.disc_start)
-  config.loss.update(dict(run.loss))
+  tokenizer = config.tokenizer
+  config_lib.set_quantizer(config, run.kind)
+  tokenizer.quantizer.num_codes = args.num_codes
+  tokenizer.quantizer[run.kind].update(dict(run.quantizer))
+  tokenizer.loss.update(perceptual_weight=1.0 if lpips else 0.0,
+                        disc_start=args.steps + 1 if not args.gan else tokenizer.loss.disc_start)
+  tokenizer.loss.update(dict(run.loss))
   if run.needs_vgg19 and not vgg19:
-    config.loss.random_pretrained = True
+    config.weights.random = True
   # Checkpoint only at the end (the loop always saves the last step), no image summaries.
-  config.train.update(batch_size=args.batch_size, num_steps=args.steps,
-                      log_every=args.eval_every, checkpoint_every=args.steps + 1,
-                      eval_every=args.eval_every, summary_every=0, keep_checkpoints=1)
-  config.eval.update(batch_size=args.eval_batch_size,
-                     num_batches=math.ceil(args.eval_images / args.eval_batch_size))
+  tokenizer.train.update(batch_size=args.batch_size, num_steps=args.steps,
+                         log_every=args.eval_every, checkpoint_every=args.steps + 1,
+                         eval_every=args.eval_every, summary_every=0, keep_checkpoints=1)
+  tokenizer.eval.update(batch_size=args.eval_batch_size,
+                        num_batches=math.ceil(args.eval_images / args.eval_batch_size))
   config_lib.validate(config)
   return config
 
@@ -273,19 +273,17 @@ def train_run(run: Run, args: argparse.Namespace, workdir: str, *, lpips: bool,
     steady_wall = (stage.records[-1][0] - stage.records[0][0]) / span
     steady_cpu = (stage.records[-1][1] - stage.records[0][1]) / span
   final_counts = stage.records[-1][3]
-  q = config.quantizer
+  q = config.tokenizer.quantizer
+  loss = config.tokenizer.loss
   return {
       "name": run.name, "label": run.label, "kind": run.kind,
       "overrides": {"quantizer": dict(run.quantizer), "loss": dict(run.loss)},
-      "quantizer": {k: q[k] for k in ("kind", "num_codes", "code_dim", "beta", "normalize",
-                                      "entropy_weight", "kl_weight", "mask_ratio",
-                                      "prior_kl_weight", "logits", "temperature_start",
-                                      "temperature_end", "temperature_anneal_steps",
-                                      "num_branches", "disentangle_weight")},
-      "loss": {k: config.loss[k] for k in ("l1_weight", "perceptual_weight", "pcl_weight",
-                                           "pcl_tau", "random_pretrained",
-                                           "representation_weight", "disc_start")},
-      "random_vgg19": bool(config.loss.random_pretrained and config.loss.pcl_weight > 0),
+      "quantizer": {"kind": q.kind, "num_codes": q.num_codes, "code_dim": q.code_dim,
+                    **q[q.kind].to_dict()},
+      "loss": {**{k: loss[k] for k in ("l1_weight", "perceptual_weight", "pcl_weight",
+                                       "pcl_tau", "representation_weight", "disc_start")},
+               "random_pretrained": config.weights.random},
+      "random_vgg19": bool(config.weights.random and loss.pcl_weight > 0),
       "final": {**final, **_code_stats(final_counts)},
       "history": history,
       "final_code_counts": final_counts.astype(np.int64).tolist(),

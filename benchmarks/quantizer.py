@@ -49,7 +49,7 @@ if _REPO not in sys.path:
 
 from benchmarks.common import environment, usable_cores  # noqa: E402
 from rvq_jax import ops  # noqa: E402
-from rvq_jax.models.tokenizer.quantizers import build_quantizer  # noqa: E402
+from rvq_jax.models.tokenizer.quantizers import build_quantizer, registry  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -268,10 +268,12 @@ def _quantizer_loss(graphdef):
 
 
 def _quantizer_config(kind: str, num_codes: int, code_dim: int) -> dict[str, Any]:
-  config = dict(kind=kind, num_codes=num_codes, code_dim=code_dim)
+  options = dict(registry.get(kind).options)
   if kind == "fq":
-    config["num_branches"] = 2
-  return config
+    # The table's FQ row times plain (Euclidean, no entropy loss) VQ sub-codebooks, as
+    # it always has; FQGAN's cosine codes and entropy loss are options on top.
+    options.update(normalize=False, entropy_weight=0.0)
+  return {"kind": kind, "num_codes": num_codes, "code_dim": code_dim, kind: options}
 
 
 def jax_benches(shape, num_codes, dim, seed, limit_bytes, log) -> tuple[list[Bench], Callable]:

@@ -14,6 +14,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from rvq_jax import parallel
 from rvq_jax.models.tokenizer import discriminator as disc_lib
+from rvq_jax.models.layers import transformer
 from rvq_jax.models.tokenizer import factorized_adapter
 from rvq_jax.ops import gan_losses
 from rvq_jax.models.tokenizer import vqgan
@@ -132,7 +133,7 @@ def test_attn_block_equals_numpy_single_head_softmax_attention():
 
 def test_self_attention_equals_numpy_multi_head_attention():
   width, heads, length = 32, 4, 5
-  attention = factorized_adapter.SelfAttention(width, heads, rngs=nnx.Rngs(0))
+  attention = transformer.SelfAttention(width, heads, rngs=nnx.Rngs(0))
   for i, layer in enumerate((attention.query, attention.key, attention.value, attention.out)):
     layer.bias[...] = 0.1 * _normal(20 + i, layer.bias.shape)
   x = np.asarray(_normal(8, (2, length, width)), np.float64)

@@ -36,8 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rvq_jax import ops
-from rvq_jax.models.layers import dtypes, partitioning
-from rvq_jax.models.priors.conditioning import ConditionEmbedding
+from rvq_jax.models.layers import partitioning
 from rvq_jax.models.priors.base import Prior
 from rvq_jax.models.priors.token_layout import TokenLayout
 from rvq_jax.models.layers.transformer import Transformer
@@ -65,18 +64,12 @@ class ARPrior(Prior):
       raise ValueError(f"vocab_size must be >= 2, got {vocab_size}.")
     if not 0.0 < pkeep <= 1.0:
       raise ValueError(f"pkeep must be in (0, 1], got {pkeep}.")
-    self.condition_dropout = float(condition_dropout)
-    self._check_condition_dropout(None)
     self.pkeep = float(pkeep)
-    self.layout = TokenLayout(vocab_size, num_subtokens, grid_size)
-    self.width = width
     self.dropout = dropout
-    self.dtype = dtypes.compute_dtype(dtype)
-    kw = dict(dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
-    init = nnx.initializers.normal(dtypes.EMBED_STDDEV)
-    self.cond = ConditionEmbedding(condition, width, num_classes=num_classes,
-                                   grid_size=self.grid_size, **kw)
-    self.prefix_length = self.cond.prefix_length
+    kw, init = self._init_shared(
+        TokenLayout(vocab_size, num_subtokens, grid_size), condition=condition,
+        num_classes=num_classes, width=width, dtype=dtype,
+        condition_dropout=condition_dropout, rngs=rngs)
     self.tok_embed = partitioning.param(
         init(rngs.params(), (num_subtokens, vocab_size, width)), None, "vocab", "embed")
     self.pos_embed = partitioning.param(

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rvq_jax.models.layers import dtypes
 from rvq_jax.models.priors.conditioning import ConditionEmbedding
 from rvq_jax.models.priors.token_layout import TokenLayout, TokenSequenceModel
 
@@ -109,6 +110,22 @@ class Prior(TokenSequenceModel, nnx.Module):
     raise NotImplementedError
 
   # ------------------------------------------------------------------ shared pieces
+
+  def _init_shared(self, layout: TokenLayout, *, condition: str, num_classes: int,
+                   width: int, dtype: Any, condition_dropout: float, rngs: nnx.Rngs
+                   ) -> tuple[dict[str, Any], Any]:
+    """Sets what every prior has (layout, width, compute dtype, condition embedding and
+    dropout rate); returns the layers' keyword arguments and the embedding initializer."""
+    self.condition_dropout = float(condition_dropout)
+    self._check_condition_dropout(None)
+    self.layout = layout
+    self.width = width
+    self.dtype = dtypes.compute_dtype(dtype)
+    kw = dict(dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.cond = ConditionEmbedding(condition, width, num_classes=num_classes,
+                                   grid_size=self.grid_size, **kw)
+    self.prefix_length = self.cond.prefix_length
+    return kw, nnx.initializers.normal(dtypes.EMBED_STDDEV)
 
   def _check_condition_dropout(self, condition_dropout: float | None) -> Any:
     """The rate a training call uses: its override, else the prior's own."""

@@ -40,8 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rvq_jax import ops
-from rvq_jax.models.layers import dtypes, partitioning
-from rvq_jax.models.priors.conditioning import ConditionEmbedding
+from rvq_jax.models.layers import partitioning
 from rvq_jax.models.priors.base import Prior
 from rvq_jax.models.priors.token_layout import TokenLayout
 from rvq_jax.models.layers.transformer import Transformer
@@ -87,19 +86,13 @@ class DiffusionPrior(Prior):
       raise ValueError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}.")
     if not aux_weight >= 0.0:
       raise ValueError(f"aux_weight must be >= 0, got {aux_weight}.")
-    self.condition_dropout = float(condition_dropout)
-    self._check_condition_dropout(None)
-    self.layout = TokenLayout(vocab_size, num_subtokens, grid_size)
     self.num_timesteps = num_timesteps
-    self.width = width
     self.aux_weight = float(aux_weight)
     self.adaptive_aux_weight = bool(adaptive_aux_weight)
-    self.dtype = dtypes.compute_dtype(dtype)
-    kw = dict(dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
-    init = nnx.initializers.normal(dtypes.EMBED_STDDEV)
-    self.cond = ConditionEmbedding(condition, width, num_classes=num_classes,
-                                   grid_size=self.grid_size, **kw)
-    self.prefix_length = self.cond.prefix_length
+    kw, init = self._init_shared(
+        TokenLayout(vocab_size, num_subtokens, grid_size), condition=condition,
+        num_classes=num_classes, width=width, dtype=dtype,
+        condition_dropout=condition_dropout, rngs=rngs)
     # K + 1 rows per sub-token: the codes and [MASK].
     self.tok_embed = partitioning.param(
         init(rngs.params(), (num_subtokens, vocab_size + 1, width)), None, "vocab", "embed")

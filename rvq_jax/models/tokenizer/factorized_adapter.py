@@ -22,14 +22,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rvq_jax.models.layers import partitioning
-from rvq_jax.models.tokenizer import vqgan
-# The blocks live in `transformer` (shared with the priors); re-exported here.
-from rvq_jax.models.layers.transformer import LAYER_NORM_EPSILON  # noqa: F401
-from rvq_jax.models.layers.transformer import Mlp  # noqa: F401
-from rvq_jax.models.layers.transformer import SelfAttention  # noqa: F401
-from rvq_jax.models.layers.transformer import TransformerBlock
-from rvq_jax.models.layers.transformer import layer_norm
 from rvq_jax.models.layers.dtypes import Dtype
+from rvq_jax.models.layers.transformer import TransformerBlock, layer_norm
+from rvq_jax.models.tokenizer import vqgan
 
 
 class FactorizedAdapter(nnx.Module):
