@@ -4,8 +4,8 @@ A script, not a test: `python benchmarks/train_step.py` (see benchmarks/README.m
 
 For each config (the demo; the paper's CelebA-HQ setup at a reduced batch) and each
 stage (tokenizer with every loss and the GAN on; AR prior; diffusion prior), it builds
-the loop's own jitted step (`loop.jitted_train_step`: same shardings, donation) on one
-device with random weights and a random batch, and reports
+the loop's own jitted step (`loop.prepare(...).train_step`: same shardings, donation)
+on one device with random weights and a random batch, and reports
 
   compile s        lower + compile of the step
   step s, images/s median over timed steps (after one warm-up step)
@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
@@ -41,7 +40,6 @@ if _REPO not in sys.path:
 from benchmarks.common import environment  # noqa: E402
 from configs import celebahq, demo  # noqa: E402
 from rvq_jax import config as config_lib  # noqa: E402
-from rvq_jax import parallel  # noqa: E402
 from rvq_jax.models.tokenizer import Tokenizer  # noqa: E402
 from rvq_jax.tools import aot_check  # noqa: E402
 from rvq_jax.train import loop, stages  # noqa: E402
@@ -119,19 +117,19 @@ def measure_stage(config, stage_name: str, num_steps: int) -> dict:
     tokenizer = Tokenizer(config, rngs=nnx.Rngs(0))
   stage = stages.build(config, stage_name, tokenizer=tokenizer)
   loop_config = loop.loop_config_from(config, stage_name)
-  mesh = parallel.make_mesh((1, 1, 1), loop_config.mesh_axes)
-  graphdef, state_shardings, _ = loop._abstract_state(stage, loop_config, mesh)  # pylint: disable=protected-access
+  # run_config pins the mesh to one device.
+  prepared = loop.prepare(stage, loop_config)
+  mesh = prepared.mesh
   batch_size = config_lib.stage_settings(config, stage_name).train.batch_size
   with jax.set_mesh(mesh):
-    state = jax.jit(lambda: nnx.state(stage.create(nnx.Rngs(0))),
-                    out_shardings=state_shardings)()
-    constants = jax.device_put(stage.constants(), NamedSharding(mesh, P()))
+    state = prepared.init_state()
+    constants = prepared.constants()
     batch = loop.global_batch(
         _random_batch(aot_check.abstract_batch(stage, config, batch_size)), mesh)
     key, step = jax.random.key(0), jnp.asarray(loop_config.num_steps - 1, jnp.int32)
     # The last step's phase: the tokenizer with its GAN on, the heaviest step.
     phase = stage.phase(loop_config.num_steps - 1)
-    step_fn = loop.jitted_train_step(stage, graphdef, state_shardings, phase)
+    step_fn = prepared.train_step(phase)
     start = time.perf_counter()
     compiled = step_fn.lower(state, constants, batch, key, step).compile()
     compile_s = time.perf_counter() - start
@@ -146,7 +144,7 @@ def measure_stage(config, stage_name: str, num_steps: int) -> dict:
   step_s = statistics.median(times)
   flops = aot_check.compiled_flops(compiled)
   parameters = int(sum(x.size for x in jax.tree.leaves(
-      nnx.state(nnx.merge(graphdef, state).model, nnx.Param))))
+      nnx.state(prepared.merge(state).model, nnx.Param))))
   return {"stage": stage_name, "batch": batch_size, "compile_s": compile_s,
           "step_s": step_s, "times_s": times, "images_per_s": batch_size / step_s,
           "gflop_per_step": flops / 1e9, "achieved_flops_per_s": flops / step_s,

@@ -6,9 +6,9 @@ Launched by tests/test_multihost.py (not collected by pytest: no test_ prefix):
       python tests/_multihost_worker.py --devices=4 --workdir=DIR --num_steps=2 \\
       --record=DIR/record_1.json
 
-The process joins the job exactly as `python -m rvq_jax.main` does (its
-`_initialize_distributed`, driven by the RVQ_JAX_* variables), trains the tiny tokenizer
-of `tiny_config` with `loop.run`, and writes a JSON record: for every step, the example
+The process joins the job exactly as `python -m rvq_jax.main` does
+(`parallel.initialize_distributed`, driven by the RVQ_JAX_* variables), trains the tiny
+tokenizer of `tiny_config` with `loop.run`, and writes a JSON record: for every step, the example
 indices this process loaded, the global batch's indices, and the loss.
 
 `--data_process=K` makes this process read process K's slice of every batch instead of
@@ -65,8 +65,8 @@ def tiny_config(num_steps: int, mesh_shape):
 def main():
   args = _parse()
   _set_up_jax(args.devices)
-  from rvq_jax import main as main_lib
-  main_lib._initialize_distributed()  # pylint: disable=protected-access
+  from rvq_jax import parallel
+  parallel.initialize_distributed()
   import jax
   from rvq_jax.train import loop
   from rvq_jax.train.tokenizer_stage import TokenizerStage

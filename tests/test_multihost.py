@@ -1,8 +1,8 @@
 """Multi-process training on one machine: 2 processes × 4 CPU devices vs 1 × 8.
 
 Each process is `tests/_multihost_worker.py`, joined through the same
-`_initialize_distributed` as `python -m rvq_jax.main` (coordinator 127.0.0.1:<free port>,
-gloo collectives). The two set-ups train the same tiny tokenizer on the same mesh
+`parallel.initialize_distributed` as `python -m rvq_jax.main` (coordinator
+127.0.0.1:<free port>, gloo collectives). The two set-ups train the same tiny tokenizer on the same mesh
 (data=4, fsdp=2) and global batch; the test checks that they agree, that the processes
 split every global batch between them, that they write one checkpoint together and both
 resume from it, and that a mis-sharded input (both processes reading process 0's slice)

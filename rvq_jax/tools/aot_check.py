@@ -6,9 +6,10 @@
   python -m rvq_jax.tools.aot_check --config=configs/celebahq.py --mesh=data=8 \\
       --topology=v5e:2x4          # a TPU topology (needs libtpu; no TPU attached)
 
-The step is the loop's own (`loop.jitted_train_step`: same shardings, same donation),
-lowered with abstract inputs only (ShapeDtypeStructs carrying the shardings of the
-state, batch, key and step), so no parameter or batch is allocated. By default the
+The step is the loop's own (`loop.prepare(...).train_step`: same shardings, same
+donation), lowered with abstract inputs only (ShapeDtypeStructs carrying the shardings
+of the state, batch, key and step: `Prepared.abstract_step_arguments`), so no parameter
+or batch is allocated. By default the
 target devices are simulated CPU devices, as many as the mesh needs, which this tool
 asks XLA for before JAX starts: that checks that the program shards and compiles and
 what it needs per device, on any machine. Per-device memory comes from XLA's buffer
@@ -150,13 +151,6 @@ def abstract_batch(stage, config, global_batch: int) -> dict:
   return batch
 
 
-def _with_sharding(tree: Any, sharding_for) -> Any:
-  import jax  # pylint: disable=import-outside-toplevel
-  return jax.tree.map(
-      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding_for(leaf)),
-      tree)
-
-
 def compiled_memory(compiled) -> dict[str, int]:
   """Per-device bytes of a compiled program (XLA's buffer assignment)."""
   stats = compiled.memory_analysis()
@@ -190,11 +184,7 @@ def check(config, *, stage_name: str | None = None, mesh_shape: Sequence[int] | 
   ShapeDtypeStructs with the shardings the loop would give them.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
   from rvq_jax import parallel  # pylint: disable=import-outside-toplevel
-  from rvq_jax.train import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   from rvq_jax.train import loop  # pylint: disable=import-outside-toplevel
 
   stage_name = stage_name or config.stages[0]
@@ -216,30 +206,14 @@ def check(config, *, stage_name: str | None = None, mesh_shape: Sequence[int] | 
   for step in steps:
     phases.setdefault(stage.phase(int(step)), int(step))
 
-  graphdef, state_shardings, abstract_state = loop._abstract_state(  # pylint: disable=protected-access
-      stage, loop_config, mesh)
-  target = checkpoint_lib.abstract_with_shardings(nnx.to_pure_dict(abstract_state),
-                                                  nnx.to_pure_dict(state_shardings))
-  nnx.replace_by_pure_dict(abstract_state, target)
-  replicated = NamedSharding(mesh, P())
-  # Frozen networks are passed replicated, as the loop's device_put does.
-  constants = _with_sharding(jax.eval_shape(lambda c: c, stage.constants()),
-                             lambda _: replicated)
-  batch_sharding = parallel.batch_sharding(mesh)
-
-  def leaf_batch_sharding(leaf):
-    return NamedSharding(mesh, P(*batch_sharding.spec[:len(leaf.shape)]))
-
-  batch = _with_sharding(abstract_batch(stage, config, batch_size), leaf_batch_sharding)
-  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                             sharding=replicated)
-  step_arg = jax.ShapeDtypeStruct((), np.int32, sharding=replicated)
+  prepared = loop.prepare(stage, loop_config, mesh)
+  # State, constants (replicated, as the loop's device_put), batch, key and step, abstract.
+  arguments = prepared.abstract_step_arguments(abstract_batch(stage, config, batch_size))
 
   reports = []
   with jax.set_mesh(mesh):
     for phase in phases:
-      step_fn = loop.jitted_train_step(stage, graphdef, state_shardings, phase)
-      compiled = step_fn.lower(abstract_state, constants, batch, key, step_arg).compile()
+      compiled = prepared.train_step(phase).lower(*arguments).compile()
       reports.append(StepReport(
           stage=stage_name, phase=repr(phase), mesh=dict(mesh.shape), platform=platform,
           num_devices=mesh.devices.size, global_batch=batch_size, flops=compiled_flops(compiled),

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rvq_jax import config as config_lib
 from rvq_jax import parallel
@@ -146,16 +146,6 @@ def evaluate_batches(stage: Stage, eval_batch: Callable[[Batch], dict], mesh) ->
   return stage.finalize_eval(totals)
 
 
-def _abstract_state(stage: Stage, config: LoopConfig, mesh):
-  """(graphdef, shardings, abstract state) of the stage's container, without allocating it."""
-  # Called outside `jax.set_mesh`: under a mesh, nnx.eval_shape would read the logical
-  # axis names as mesh axes. The rules map them to the mesh here instead.
-  abstract_container = nnx.eval_shape(lambda: stage.create(nnx.Rngs(config.seed)))
-  graphdef, abstract_state = nnx.split(abstract_container)
-  return graphdef, parallel.state_shardings(abstract_state, mesh, config.sharding_rules), \
-      abstract_state
-
-
 def jitted_train_step(stage: Stage, graphdef, state_shardings, phase: Hashable) -> Callable:
   """The loop's step for `phase`: jitted, sharded, state donated (AOT checks lower this)."""
   def train_step(state, constants, batch, key, step):
@@ -165,12 +155,109 @@ def jitted_train_step(stage: Stage, graphdef, state_shardings, phase: Hashable) 
   return jax.jit(train_step, out_shardings=(state_shardings, None), donate_argnums=0)
 
 
-def _restore(checkpointer, step, abstract_state, state_shardings):
-  target = checkpoint_lib.abstract_with_shardings(
-      nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(state_shardings))
-  pure_state, data_state, progress = checkpointer.restore(step, target)
-  nnx.replace_by_pure_dict(abstract_state, pure_state)
-  return abstract_state, data_state, progress
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prepared:
+  """A stage set up on its mesh, nothing allocated: what `run`, `load_trained`, the AOT
+  check (`rvq_jax.tools.aot_check`) and the benchmarks share. Made by `prepare`.
+
+  `abstract_state` holds ShapeDtypeStructs without shardings; `state_shardings` has the
+  NamedSharding of every leaf (from the parameters' logical axes and the config's rules).
+  Methods that create, restore or transfer arrays, and the steps, run under
+  `jax.set_mesh(prepared.mesh)`.
+  """
+
+  stage: Stage
+  config: LoopConfig
+  mesh: Mesh
+  graphdef: nnx.GraphDef
+  abstract_state: nnx.State
+  state_shardings: nnx.State
+  _train_steps: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    """The sharding of the constants, the step key and the step number."""
+    return NamedSharding(self.mesh, P())
+
+  def merge(self, state: nnx.State) -> nnx.Module:
+    """The stage's container holding `state`."""
+    return nnx.merge(self.graphdef, state)
+
+  def init_state(self) -> nnx.State:
+    """A freshly initialized state (seed `config.seed`), created sharded on the mesh."""
+    return jax.jit(lambda: nnx.state(self.stage.create(nnx.Rngs(self.config.seed))),
+                   out_shardings=self.state_shardings)()
+
+  def restore(self, checkpointer: checkpoint_lib.Checkpointer, step: int):
+    """(state, data-iterator state, progress) of the checkpoint of `step`, restored onto
+    the state's shardings."""
+    target = checkpoint_lib.abstract_with_shardings(
+        nnx.to_pure_dict(self.abstract_state), nnx.to_pure_dict(self.state_shardings))
+    pure_state, data_state, progress = checkpointer.restore(step, target)
+    state = jax.tree.map(lambda leaf: leaf, self.abstract_state)  # A copy to fill.
+    nnx.replace_by_pure_dict(state, pure_state)
+    return state, data_state, progress
+
+  def constants(self) -> Any:
+    """The stage's constants, replicated on the mesh (every step's second argument)."""
+    return jax.device_put(self.stage.constants(), self.replicated)
+
+  def abstract_constants(self) -> Any:
+    """ShapeDtypeStructs of `constants()`, with their (replicated) sharding."""
+    return jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=self.replicated),
+        jax.eval_shape(lambda c: c, self.stage.constants()))
+
+  def abstract_step_arguments(self, batch: Mapping[str, jax.ShapeDtypeStruct]) -> tuple:
+    """(state, constants, batch, key, step) of a train step as ShapeDtypeStructs with the
+    loop's shardings (`batch`: shapes of one global batch): lower `train_step(phase)` with
+    them to compile it without allocating anything."""
+    state = jax.tree.map(lambda leaf: leaf, self.abstract_state)  # A copy to fill.
+    nnx.replace_by_pure_dict(state, checkpoint_lib.abstract_with_shardings(
+        nnx.to_pure_dict(self.abstract_state), nnx.to_pure_dict(self.state_shardings)))
+    batch_spec = parallel.batch_sharding(self.mesh).spec
+
+    def batch_leaf(leaf):  # Cut to the leaf's rank, as `global_batch` does.
+      return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(
+          self.mesh, P(*batch_spec[:len(leaf.shape)])))
+
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                               sharding=self.replicated)
+    step = jax.ShapeDtypeStruct((), np.int32, sharding=self.replicated)
+    return state, self.abstract_constants(), jax.tree.map(batch_leaf, dict(batch)), key, step
+
+  def train_step(self, phase: Hashable) -> Callable:
+    """The loop's jitted step for `phase` (`jitted_train_step`), made once per phase:
+    `step(state, constants, batch, key, step) -> (state, metrics)`, state donated."""
+    if phase not in self._train_steps:
+      self._train_steps[phase] = jitted_train_step(self.stage, self.graphdef,
+                                                   self.state_shardings, phase)
+    return self._train_steps[phase]
+
+  @functools.cached_property
+  def eval_step(self) -> Callable:
+    """The jitted `eval_step(state, constants, batch)`: the stage's sums over one batch."""
+    @jax.jit
+    def eval_step(state, constants, batch):
+      return self.stage.eval_step(nnx.merge(self.graphdef, state), constants, batch)
+    return eval_step
+
+
+def prepare(stage: Stage, config: LoopConfig, mesh: Mesh | None = None) -> Prepared:
+  """Sets `stage` up on `mesh` (default: `config`'s mesh over all devices) without
+  allocating its state: graphdef, abstract state, shardings and, lazily, the steps.
+
+  Call it outside `jax.set_mesh`: under a mesh, nnx.eval_shape would read the logical
+  axis names as mesh axes. The sharding rules map them to the mesh here instead.
+  """
+  if mesh is None:
+    mesh = parallel.make_mesh(config.mesh_shape, config.mesh_axes)
+  abstract_container = nnx.eval_shape(lambda: stage.create(nnx.Rngs(config.seed)))
+  graphdef, abstract_state = nnx.split(abstract_container)
+  return Prepared(stage=stage, config=config, mesh=mesh, graphdef=graphdef,
+                  abstract_state=abstract_state,
+                  state_shardings=parallel.state_shardings(abstract_state, mesh,
+                                                           config.sharding_rules))
 
 
 def load_trained(stage: Stage, config: LoopConfig, workdir: str):
@@ -179,9 +266,8 @@ def load_trained(stage: Stage, config: LoopConfig, workdir: str):
   Returns (container, constants, mesh, step). Raises FileNotFoundError with the command
   that trains the stage when there is no checkpoint.
   """
-  mesh = parallel.make_mesh(config.mesh_shape, config.mesh_axes)
-  graphdef, state_shardings, abstract_state = _abstract_state(stage, config, mesh)
-  with jax.set_mesh(mesh):
+  prepared = prepare(stage, config)
+  with jax.set_mesh(prepared.mesh):
     checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                                asynchronous=False)
     latest = checkpointer.latest_step()
@@ -189,10 +275,10 @@ def load_trained(stage: Stage, config: LoopConfig, workdir: str):
       raise FileNotFoundError(
           f"no {stage.name} checkpoint in {os.path.join(workdir, 'checkpoints')}; train the "
           f"stage first: python -m rvq_jax.main --config=<config> --workdir=<workdir>")
-    state, _, progress = _restore(checkpointer, latest, abstract_state, state_shardings)
+    state, _, progress = prepared.restore(checkpointer, latest)
     checkpointer.close()
-    constants = jax.device_put(stage.constants(), NamedSharding(mesh, P()))
-  return nnx.merge(graphdef, state), constants, mesh, int(progress["step"])
+    constants = prepared.constants()
+  return prepared.merge(state), constants, prepared.mesh, int(progress["step"])
 
 
 def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
@@ -201,10 +287,10 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
   Returns the final evaluation metrics (also written to `workdir/metrics.json`).
   """
   os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
-  mesh = parallel.make_mesh(config.mesh_shape, config.mesh_axes)
+  prepared = prepare(stage, config)
+  mesh = prepared.mesh
   base_key = jax.random.key(config.seed)
 
-  graphdef, state_shardings, abstract_state = _abstract_state(stage, config, mesh)
   with jax.set_mesh(mesh):
     checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
@@ -213,13 +299,11 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
     start_step = 0
     latest = checkpointer.latest_step()
     if latest is not None:
-      state, data_state, progress = _restore(checkpointer, latest, abstract_state,
-                                             state_shardings)
+      state, data_state, progress = prepared.restore(checkpointer, latest)
       iterator.restore(data_state)
       start_step = int(progress["step"])
     else:
-      state = jax.jit(lambda: nnx.state(stage.create(nnx.Rngs(config.seed))),
-                      out_shardings=state_shardings)()
+      state = prepared.init_state()
 
     reporter = Reporter(workdir, stage.name, config.num_steps, start_step)
     if latest is not None:
@@ -227,28 +311,18 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
     reporter.log("Mesh %s on %d devices (%d processes).", dict(mesh.shape), jax.device_count(),
                  jax.process_count())
 
-    compiled_steps: dict[Hashable, Callable] = {}
-
-    def step_fn(phase):
-      if phase not in compiled_steps:
-        compiled_steps[phase] = jitted_train_step(stage, graphdef, state_shardings, phase)
-      return compiled_steps[phase]
-
-    constants = jax.device_put(stage.constants(), NamedSharding(mesh, P()))
-
-    @jax.jit
-    def eval_step(state, constants, batch):
-      return stage.eval_step(nnx.merge(graphdef, state), constants, batch)
+    constants = prepared.constants()
 
     def evaluate(state, step):
-      metrics = evaluate_batches(stage, functools.partial(eval_step, state, constants), mesh)
+      metrics = evaluate_batches(stage, functools.partial(prepared.eval_step, state, constants),
+                                 mesh)
       reporter.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
       reporter.log("eval at step %d: %s", step,
                    " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
       return metrics
 
     def summarize(state, batch, step):
-      images = stage.summarize(nnx.merge(graphdef, state), constants,
+      images = stage.summarize(prepared.merge(state), constants,
                                global_batch(batch, mesh), step)
       reporter.images(step, images)
 
@@ -278,7 +352,7 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
       while step < config.num_steps:
         batch = next(iterator)
         key = jax.random.fold_in(base_key, step)
-        state, metrics = step_fn(stage.phase(step))(
+        state, metrics = prepared.train_step(stage.phase(step))(
             state, constants, global_batch(batch, mesh), key, jnp.asarray(step, jnp.int32))
         nonfinite = nonfinite | ~jnp.isfinite(metrics["loss"])
         step += 1
