@@ -38,6 +38,8 @@ class Tokenizer(nnx.Module):
     spec = registry.get(quantizer["kind"])
     dtype = dtypes.compute_dtype(model["dtype"])
     self.factorized = spec.factorized
+    # Tokens: K codes (per sub-codebook), M per position, on an h×w grid.
+    self.vocab_size = int(quantizer["num_codes"])
     self.num_subtokens = spec.num_subtokens(registry.options_of(quantizer))
     self.downsampling_factor = 2 ** (len(model["ch_mult"]) - 1)
     self.grid_size = image_size // self.downsampling_factor
