@@ -46,7 +46,7 @@ class PriorTrainState(nnx.Module):
 
 def token_layout(tokenizer: Tokenizer) -> TokenLayout:
   """How a prior sees `tokenizer`'s tokens: K codes, M per position, on its h×w grid."""
-  return TokenLayout(vocab_size=tokenizer.quantizer.num_codes,
+  return TokenLayout(vocab_size=tokenizer.vocab_size,
                      num_subtokens=tokenizer.num_subtokens,
                      grid_size=(tokenizer.grid_size, tokenizer.grid_size))
 
