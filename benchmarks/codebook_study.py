@@ -2,10 +2,10 @@
 
 A script, not a test (see docs/results/codebook_study.md for a run and what it shows):
 
-  python benchmarks/codebook_study.py                          # the whole study
-  python benchmarks/codebook_study.py --only=vq,regvq_mask     # re-run a subset
-  python benchmarks/codebook_study.py --data=/path/to/images   # an image folder instead
-  python benchmarks/codebook_study.py --only=regvq_mask --output_dir=/tmp/rerun \
+  python -m benchmarks.codebook_study                          # the whole study
+  python -m benchmarks.codebook_study --only=vq,regvq_mask     # re-run a subset
+  python -m benchmarks.codebook_study --data=/path/to/images   # an image folder instead
+  python -m benchmarks.codebook_study --only=regvq_mask --output_dir=/tmp/rerun \
       --verify_against=docs/results/codebook_study.json        # determinism check
 
 Every run trains the tokenizer of configs/demo.py (the small VQGAN: ch 32, ch_mult
@@ -56,18 +56,16 @@ import tempfile
 import time
 from typing import Any, Sequence
 
+import jax
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from rvq_jax import config as config_lib
+from rvq_jax.models import pretrained
+from rvq_jax.train import loop
+from rvq_jax.train.tokenizer_stage import TokenizerStage
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-
-from rvq_jax import config as config_lib  # noqa: E402
-from rvq_jax.models import pretrained  # noqa: E402
-from rvq_jax.train import loop  # noqa: E402
-from rvq_jax.train.tokenizer_stage import TokenizerStage  # noqa: E402
 
 JSON_NAME = "codebook_study.json"
 DOC_NAME = "codebook_study.md"
@@ -746,7 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   os.makedirs(args.output_dir, exist_ok=True)
   json_path = os.path.join(args.output_dir, JSON_NAME)
   settings = settings_of(args)
-  command = " ".join(["python benchmarks/codebook_study.py",
+  command = " ".join(["python -m benchmarks.codebook_study",
                       *(sys.argv[1:] if argv is None else argv)])
   demo = _demo_config()
   # What every run shares from configs/demo.py, for the doc.

@@ -1,6 +1,6 @@
 """Quantizer speed and memory against the bare codebook matmul (and vector-quantize-pytorch).
 
-A script, not a test: `python benchmarks/quantizer.py` (see benchmarks/README.md).
+A script, not a test: `python -m benchmarks.quantizer` (see benchmarks/README.md).
 
 For every cell (N tokens, K codes, D features) it times, with jitted functions compiled
 ahead of time (compile excluded and reported separately), interleaved repetitions and
@@ -43,13 +43,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
+from benchmarks.common import environment, usable_cores
+from rvq_jax import ops
+from rvq_jax.models.tokenizer.quantizers import build_quantizer, registry
 
-from benchmarks.common import environment, usable_cores  # noqa: E402
-from rvq_jax import ops  # noqa: E402
-from rvq_jax.models.tokenizer.quantizers import build_quantizer, registry  # noqa: E402
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MIB = 1 << 20
 GIB = 1 << 30

@@ -1,6 +1,6 @@
 """Sampling speed of the two priors, side by side in one run.
 
-A script, not a test: `python benchmarks/sampling.py` (see benchmarks/README.md).
+A script, not a test: `python -m benchmarks.sampling` (see benchmarks/README.md).
 
 At equal model size (same width, depth, heads, vocabulary and token grid), it times
 drawing a batch of token grids with
@@ -27,13 +27,11 @@ import time
 import jax
 from flax import nnx
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
+from benchmarks.common import environment
+from rvq_jax.models.priors.ar import ARPrior
+from rvq_jax.models.priors.diffusion import DiffusionPrior
 
-from benchmarks.common import environment  # noqa: E402
-from rvq_jax.models.priors.ar import ARPrior  # noqa: E402
-from rvq_jax.models.priors.diffusion import DiffusionPrior  # noqa: E402
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CACHE_TARGET = 5.0       # AR with the KV cache ≥ 5× faster than recomputation
 DIFFUSION_TARGET = 1.0   # diffusion at T/4 steps faster per image than AR (ratio > 1)

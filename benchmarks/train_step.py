@@ -1,6 +1,6 @@
 """Train-step throughput of every stage, as a fraction of the device's matmul FLOP/s.
 
-A script, not a test: `python benchmarks/train_step.py` (see benchmarks/README.md).
+A script, not a test: `python -m benchmarks.train_step` (see benchmarks/README.md).
 
 For each config (the demo; the paper's CelebA-HQ setup at a reduced batch) and each
 stage (tokenizer with every loss and the GAN on; AR prior; diffusion prior), it builds
@@ -33,16 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
+from benchmarks.common import environment
+from configs import celebahq, demo
+from rvq_jax import config as config_lib
+from rvq_jax.models.tokenizer import Tokenizer
+from rvq_jax.tools import aot_check
+from rvq_jax.train import loop, stages
 
-from benchmarks.common import environment  # noqa: E402
-from configs import celebahq, demo  # noqa: E402
-from rvq_jax import config as config_lib  # noqa: E402
-from rvq_jax.models.tokenizer import Tokenizer  # noqa: E402
-from rvq_jax.tools import aot_check  # noqa: E402
-from rvq_jax.train import loop, stages  # noqa: E402
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STAGES = ("tokenizer", "ar", "diffusion")
 

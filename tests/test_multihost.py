@@ -2,12 +2,12 @@
 
 Each process is `tests/_multihost_worker.py`, joined through the same
 `parallel.initialize_distributed` as `python -m rvq_jax.main` (coordinator
-127.0.0.1:<free port>, gloo collectives). The two set-ups train the same tiny tokenizer on the same mesh
-(data=4, fsdp=2) and global batch; the test checks that they agree, that the processes
-split every global batch between them, that they write one checkpoint together and both
-resume from it, and that a mis-sharded input (both processes reading process 0's slice)
-is caught by the same checks. A start-up that cannot reach its coordinator fails with a
-clear message within RVQ_JAX_INIT_TIMEOUT.
+127.0.0.1:<free port>, gloo collectives). The two set-ups train the same tiny tokenizer
+on the same mesh (data=4, fsdp=2) and global batch; the test checks that they agree,
+that the processes split every global batch between them, that they write one
+checkpoint together and both resume from it, and that a mis-sharded input (both
+processes reading process 0's slice) is caught by the same checks. A start-up that
+cannot reach its coordinator fails with a clear message within RVQ_JAX_INIT_TIMEOUT.
 
 Every subprocess has a timeout, so a hang fails the test instead of stalling CI.
 """
