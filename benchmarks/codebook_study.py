@@ -746,7 +746,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   settings = settings_of(args)
   command = " ".join(["python -m benchmarks.codebook_study",
                       *(sys.argv[1:] if argv is None else argv)])
-  demo = _demo_config()
+  demo = _demo_config().tokenizer
   # What every run shares from configs/demo.py, for the doc.
   model = {**{k: demo.model[k] for k in ("ch", "ch_mult", "num_res_blocks",
                                          "attn_resolutions", "z_channels")},
