@@ -616,7 +616,7 @@ def generated_section(result: dict, plots: list[str]) -> str:
            ]
   if any_random:
     parts.append("* **†: PCL computed on randomly initialized VGG-19 features** "
-                 "(`loss.random_pretrained=True`; no `vgg19.npz` here). It exercises the "
+                 "(`weights.random=True`; no `vgg19.npz` here). It exercises the "
                  "PCL mechanics (perturbation weights, masking), not the paper's perceptual "
                  "contrastive loss; read that row as a mechanism check only.")
   parts += ["", "## Methods (generated)", "",

@@ -36,9 +36,9 @@ from flax import nnx
 from benchmarks.common import environment
 from configs import celebahq, demo
 from rvq_jax import config as config_lib
-from rvq_jax.models.tokenizer import Tokenizer
 from rvq_jax.tools import aot_check
 from rvq_jax.train import loop, stages
+from rvq_jax.train.tokenizer_stage import build_tokenizer
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,11 +73,11 @@ def run_config(name: str, paper_batch: int):
   else:
     raise ValueError(f"unknown config {name!r}: demo or paper")
   config.unlock()
-  config.loss.random_pretrained = True
+  config.weights.random = True
   config.mesh.shape = (1, 1, 1)
   if name == "paper":
-    for settings in (config, config.ar, config.diffusion):
-      settings.train.batch_size = paper_batch
+    for stage in config_lib.STAGES:
+      config[stage].train.batch_size = paper_batch
   return config
 
 
@@ -112,13 +112,13 @@ def measure_stage(config, stage_name: str, num_steps: int) -> dict:
   """Compile time, step time, FLOPs and memory of one stage's step on one device."""
   tokenizer = None
   if stage_name != "tokenizer":
-    tokenizer = Tokenizer(config, rngs=nnx.Rngs(0))
+    tokenizer = build_tokenizer(config, rngs=nnx.Rngs(0))
   stage = stages.build(config, stage_name, tokenizer=tokenizer)
   loop_config = loop.loop_config_from(config, stage_name)
   # run_config pins the mesh to one device.
   prepared = loop.prepare(stage, loop_config)
   mesh = prepared.mesh
-  batch_size = config_lib.stage_settings(config, stage_name).train.batch_size
+  batch_size = config[stage_name].train.batch_size
   with jax.set_mesh(mesh):
     state = prepared.init_state()
     constants = prepared.constants()

@@ -21,7 +21,7 @@ target for the real figures.
 
 Every phase the stage compiles is checked: the phases of steps `--steps` (default: the
 first and the last step, e.g. the tokenizer before and after its GAN starts).
-Frozen pretrained networks are random (`loss.random_pretrained`) unless
+Frozen pretrained networks are random (`weights.random`) unless
 `--norandom_pretrained`: their shapes matter here, not their weights.
 """
 from __future__ import annotations
@@ -117,14 +117,13 @@ def build_stage(config, name: str):
   from rvq_jax.train import stages  # pylint: disable=import-outside-toplevel
   if name == "tokenizer":
     return stages.build(config, name)
-  from rvq_jax.models.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
-  tokenizer = nnx.eval_shape(lambda: Tokenizer(config, rngs=nnx.Rngs(0)))
+  from rvq_jax.train.tokenizer_stage import build_tokenizer  # pylint: disable=import-outside-toplevel
+  tokenizer = nnx.eval_shape(lambda: build_tokenizer(config, rngs=nnx.Rngs(0)))
   return stages.build(config, name, tokenizer=tokenizer)
 
 
 def _train_batch_size(config, name: str) -> int:
-  from rvq_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  return config_lib.stage_settings(config, name).train.batch_size
+  return config[name].train.batch_size
 
 
 def abstract_batch(stage, config, global_batch: int) -> dict:
@@ -245,7 +244,7 @@ def main(argv) -> int:
   del argv
   config = _CONFIG.value
   if _RANDOM_PRETRAINED.value:
-    config.loss.random_pretrained = True
+    config.weights.random = True
   from rvq_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   config_lib.validate(config)
   axes = tuple(config.mesh.axes)

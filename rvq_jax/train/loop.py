@@ -22,7 +22,6 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from rvq_jax import config as config_lib
 from rvq_jax import parallel
 from rvq_jax.data.iterator import to_global_array
 from rvq_jax.train import checkpoint as checkpoint_lib
@@ -392,8 +391,8 @@ def _close(iterator) -> None:
 
 def loop_config_from(config, stage: str = "tokenizer") -> LoopConfig:
   """The loop's settings for `stage` from a full run config (a prior's live in
-  config.<stage>.train, the tokenizer's in config.train)."""
-  train = config_lib.stage_settings(config, stage).train
+  config.<stage>.train)."""
+  train = config[stage].train
   return LoopConfig(
       num_steps=train.num_steps, log_every=train.log_every,
       checkpoint_every=train.checkpoint_every, eval_every=train.eval_every,
