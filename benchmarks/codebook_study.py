@@ -54,11 +54,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any
+from typing import Sequence
 
 import jax
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
 
 from rvq_jax import config as config_lib
 from rvq_jax.models import pretrained

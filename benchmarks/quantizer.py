@@ -37,15 +37,18 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.common import environment, usable_cores
+from benchmarks.common import environment
+from benchmarks.common import usable_cores
 from rvq_jax import ops
-from rvq_jax.models.tokenizer.quantizers import build_quantizer, registry
+from rvq_jax.models.tokenizer.quantizers import build_quantizer
+from rvq_jax.models.tokenizer.quantizers import registry
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -578,7 +581,7 @@ def main(argv=None) -> int:
 
   meta = {
       "benchmark": "rvq_jax quantizers vs the bare codebook matmul",
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
       "environment": environment(torch="torch", vector_quantize_pytorch="vector-quantize-pytorch"),
       "settings": {

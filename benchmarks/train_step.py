@@ -34,10 +34,12 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.common import environment
-from configs import celebahq, demo
+from configs import celebahq
+from configs import demo
 from rvq_jax import config as config_lib
 from rvq_jax.tools import aot_check
-from rvq_jax.train import loop, stages
+from rvq_jax.train import loop
+from rvq_jax.train import stages
 from rvq_jax.train.tokenizer_stage import build_tokenizer
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

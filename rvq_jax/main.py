@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app
+from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -45,7 +47,9 @@ def main(argv) -> int:
   config_lib.check_batch_divides(config, jax.device_count(), jax.process_count())
   workdir = _WORKDIR.value
 
-  from rvq_jax.train import inference, loop, stages
+  from rvq_jax.train import inference
+  from rvq_jax.train import loop
+  from rvq_jax.train import stages
   tokenizer_dir = os.path.join(workdir, "tokenizer")
   if _MODE.value == "train":
     for stage_name in config.stages:

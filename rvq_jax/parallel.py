@@ -16,11 +16,15 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any
+from typing import Sequence
 
 import jax
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DEFAULT_MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")

@@ -68,6 +68,7 @@ def main():
   from rvq_jax import parallel
   parallel.initialize_distributed()
   import jax
+
   from rvq_jax.train import loop
   from rvq_jax.train.tokenizer_stage import TokenizerStage
 

@@ -9,8 +9,8 @@ import jax
 import pytest
 
 from rvq_jax import config as config_lib
-from tests import tiny_configs
 from rvq_jax.tools import aot_check
+from tests import tiny_configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from rvq_jax import parallel
-from rvq_jax.models.priors.diffusion import DiffusionLossHistory, DiffusionPrior
+from rvq_jax.models.priors.diffusion import DiffusionLossHistory
+from rvq_jax.models.priors.diffusion import DiffusionPrior
 
 K, T, GRID, L = 16, 10, (4, 4), 16
 

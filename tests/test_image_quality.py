@@ -2,9 +2,11 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from skimage.metrics import peak_signal_noise_ratio
+from skimage.metrics import structural_similarity
 
-from rvq_jax.metrics.image_quality import psnr, ssim
+from rvq_jax.metrics.image_quality import psnr
+from rvq_jax.metrics.image_quality import ssim
 
 
 def _pair(seed=0, noise=0.2):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rvq_jax.models.pretrained import lpips as lpips_lib
 from rvq_jax.models import pretrained
+from rvq_jax.models.pretrained import lpips as lpips_lib
 from rvq_jax.models.pretrained import vgg
 from rvq_jax.tools import convert_weights
 

@@ -10,10 +10,13 @@ from flax import nnx
 from PIL import Image
 
 from rvq_jax import config as config_lib
-from tests import tiny_configs
-from rvq_jax.train import inference, loop, prior_inference, stages
+from rvq_jax.train import inference
+from rvq_jax.train import loop
+from rvq_jax.train import prior_inference
+from rvq_jax.train import stages
 from rvq_jax.train.prior_stage import PriorStage
 from rvq_jax.train.tokenizer_stage import build_tokenizer
+from tests import tiny_configs
 
 PRIORS = ("ar", "diffusion")
 

@@ -7,10 +7,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rvq_jax import ops, parallel
-from rvq_jax.models.tokenizer.quantizers import (EMAState, FactorizedQuantizer, GumbelQuantizer,
-                                                 RegularizedQuantizer, TemperatureSchedule,
-                                                 VectorQuantizer, build_quantizer, registry)
+from rvq_jax import ops
+from rvq_jax import parallel
+from rvq_jax.models.tokenizer.quantizers import EMAState
+from rvq_jax.models.tokenizer.quantizers import FactorizedQuantizer
+from rvq_jax.models.tokenizer.quantizers import GumbelQuantizer
+from rvq_jax.models.tokenizer.quantizers import RegularizedQuantizer
+from rvq_jax.models.tokenizer.quantizers import TemperatureSchedule
+from rvq_jax.models.tokenizer.quantizers import VectorQuantizer
+from rvq_jax.models.tokenizer.quantizers import build_quantizer
+from rvq_jax.models.tokenizer.quantizers import registry
 
 QUANTIZER_KINDS = ("vq", "gumbel", "regvq", "fq", "regfq")
 

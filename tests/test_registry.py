@@ -11,9 +11,14 @@ from flax import nnx
 
 from rvq_jax import config as config_lib
 from rvq_jax import ops
-from rvq_jax.models.priors import PRIORS, ARPrior, DiffusionPrior, Prior, TokenLayout
+from rvq_jax.models.priors import PRIORS
+from rvq_jax.models.priors import ARPrior
+from rvq_jax.models.priors import DiffusionPrior
+from rvq_jax.models.priors import Prior
+from rvq_jax.models.priors import TokenLayout
 from rvq_jax.models.tokenizer.quantizers import registry
-from rvq_jax.models.tokenizer.quantizers.output import QuantizerOutput, build_aux
+from rvq_jax.models.tokenizer.quantizers.output import QuantizerOutput
+from rvq_jax.models.tokenizer.quantizers.output import build_aux
 from rvq_jax.train import loop
 from rvq_jax.train.tokenizer_stage import TokenizerStage
 from tests import tiny_configs

@@ -12,14 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from rvq_jax import parallel
 from rvq_jax.models import pretrained
 from rvq_jax.models.pretrained import teachers
 from rvq_jax.models.tokenizer import representation_head
-from rvq_jax.train import tokenizer_losses
 from rvq_jax.ops.info_nce import info_nce
+from rvq_jax.train import tokenizer_losses
 
 # The smallest image that reaches VGG's block 5 (1×1 there): keeps the teacher cheap.
 TEACHER_RESOLUTION = 16
@@ -49,8 +50,7 @@ def built_teacher():
 
   Tests must not modify it; those that need their own copy load one from `teacher_file`.
   """
-  return teachers.build_teacher("vgg16", resolution=TEACHER_RESOLUTION,
-                                      rngs=nnx.Rngs(1))
+  return teachers.build_teacher("vgg16", resolution=TEACHER_RESOLUTION, rngs=nnx.Rngs(1))
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,7 @@ def teacher_file(built_teacher, tmp_path_factory):
 
 
 def _teacher(path, dtype=jnp.float32):
-  return teachers.load_teacher("vgg16", path, resolution=TEACHER_RESOLUTION,
-                                     dtype=dtype)
+  return teachers.load_teacher("vgg16", path, resolution=TEACHER_RESOLUTION, dtype=dtype)
 
 
 def _batch(batch=4, seed=0, image_size=20):
@@ -282,7 +281,7 @@ def test_representation_loss_under_nnx_jit_in_bfloat16(teacher_file):
   images, subcode = _batch()
   step = nnx.jit(lambda head, teacher, images, subcode:
                  tokenizer_losses.representation_loss(head, teacher, images, subcode,
-                                                    temperature=0.5))
+                                                      temperature=0.5))
   loss32, _ = step(_head(target_dim=512), _teacher(teacher_file), images, subcode)
   head16 = _head(target_dim=512, dtype=jnp.bfloat16)
   teacher16 = _teacher(teacher_file, dtype=jnp.bfloat16)

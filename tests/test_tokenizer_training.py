@@ -10,18 +10,20 @@ import pytest
 from PIL import Image
 
 from rvq_jax import config as config_lib
-from tests import tiny_configs
-from rvq_jax.train import inference, loop
+from rvq_jax.train import inference
+from rvq_jax.train import loop
 from rvq_jax.train.tokenizer_stage import TokenizerStage
+from tests import tiny_configs
 
 
 def tiny_config(kind="regvq", **train):
   config = tiny_configs.tiny_config(kind)
-  config.tokenizer.loss.update(perceptual_weight=0.5, pcl_weight=0.1, pcl_num_locations=8, disc_start=0)
+  config.tokenizer.loss.update(perceptual_weight=0.5, pcl_weight=0.1, pcl_num_locations=8,
+                               disc_start=0)
   if kind in ("fq", "regfq"):
     config.tokenizer.loss.update(representation_weight=0.5, teacher_resolution=32)
     config.tokenizer.model.update(representation_head_width=32, representation_head_blocks=1,
-                        representation_head_heads=2)
+                                  representation_head_heads=2)
   config.tokenizer.train.checkpoint_every = 1
   config.tokenizer.train.update(**train)
   config_lib.validate(config)
@@ -121,7 +123,8 @@ def test_train_evaluate_reconstruct_and_encode(tmp_path):
   """FQ: the factorized encoder, VQ sub-quantizers, factorized tokens [B, h, w, M]."""
   kind = "fq"
   config = tiny_config(kind)
-  config.tokenizer.loss.update(perceptual_weight=0.0, pcl_weight=0.0)  # Covered by the sharded test.
+  # The perceptual losses are covered by the sharded test.
+  config.tokenizer.loss.update(perceptual_weight=0.0, pcl_weight=0.0)
   workdir = str(tmp_path / "run")
   final = _run(config, workdir)
   assert {"l1", "psnr", "ssim", "usage", "perplexity"} <= set(final)

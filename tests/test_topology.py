@@ -12,9 +12,9 @@ import pytest
 from flax import nnx
 
 from rvq_jax import config as config_lib
-from tests import tiny_configs
 from rvq_jax.train import loop
 from rvq_jax.train.tokenizer_stage import TokenizerStage
+from tests import tiny_configs
 
 SAVED_MESH = (4, 2, 1)
 TARGET_MESHES = {"4_devices": (4, 1, 1), "1_device": (1, 1, 1), "data2_fsdp4": (2, 4, 1)}

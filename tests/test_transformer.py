@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rvq_jax.models.priors import conditioning
 from rvq_jax.models.layers import transformer
+from rvq_jax.models.priors import conditioning
 
 WIDTH, HEADS = 32, 4
 

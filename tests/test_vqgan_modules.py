@@ -4,20 +4,21 @@ Layers are checked against direct references (lax.conv, NumPy attention); whole 
 for shapes, jit, bfloat16, sharding and parameter annotations. Tiny configs keep the file
 fast on a 2-core CPU.
 """
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from rvq_jax import parallel
-from rvq_jax.models.tokenizer import discriminator as disc_lib
 from rvq_jax.models.layers import transformer
+from rvq_jax.models.tokenizer import discriminator as disc_lib
 from rvq_jax.models.tokenizer import factorized_adapter
-from rvq_jax.ops import gan_losses
 from rvq_jax.models.tokenizer import vqgan
+from rvq_jax.ops import gan_losses
 
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16,
             z_channels=8)

@@ -16,15 +16,31 @@ Layers: `sources` (random access to raw uint8 images, label maps, class labels),
 decoding, resumable state), `token_arrays` (pre-tokenized data through the same
 pipeline), `factory` (the data config).
 """
-from rvq_jax.data.factory import (SOURCES, SPLITS, create_dataset, create_source,
-                                  get_default_config, preprocess_config, resolve_config,
-                                  validate_config)
-from rvq_jax.data.iterator import BatchIterator, epoch_permutation, to_global_array
-from rvq_jax.data.preprocess import PreprocessConfig, crop_geometry, preprocess_example
-from rvq_jax.data.sources import (EMBEDDED_EVAL_PHOTOS, EMBEDDED_TRAIN_PHOTOS,
-                                  IMAGE_EXTENSIONS, EmbeddedPhotoSource, FolderSource,
-                                  ImageSource, TfdsSource, decode_image, decode_label_map,
-                                  load_embedded_photo, tfds_prepare_instructions)
+from rvq_jax.data.factory import SOURCES
+from rvq_jax.data.factory import SPLITS
+from rvq_jax.data.factory import create_dataset
+from rvq_jax.data.factory import create_source
+from rvq_jax.data.factory import get_default_config
+from rvq_jax.data.factory import preprocess_config
+from rvq_jax.data.factory import resolve_config
+from rvq_jax.data.factory import validate_config
+from rvq_jax.data.iterator import BatchIterator
+from rvq_jax.data.iterator import epoch_permutation
+from rvq_jax.data.iterator import to_global_array
+from rvq_jax.data.preprocess import PreprocessConfig
+from rvq_jax.data.preprocess import crop_geometry
+from rvq_jax.data.preprocess import preprocess_example
+from rvq_jax.data.sources import EMBEDDED_EVAL_PHOTOS
+from rvq_jax.data.sources import EMBEDDED_TRAIN_PHOTOS
+from rvq_jax.data.sources import IMAGE_EXTENSIONS
+from rvq_jax.data.sources import EmbeddedPhotoSource
+from rvq_jax.data.sources import FolderSource
+from rvq_jax.data.sources import ImageSource
+from rvq_jax.data.sources import TfdsSource
+from rvq_jax.data.sources import decode_image
+from rvq_jax.data.sources import decode_label_map
+from rvq_jax.data.sources import load_embedded_photo
+from rvq_jax.data.sources import tfds_prepare_instructions
 
 __all__ = [
     "SOURCES", "SPLITS", "create_dataset", "create_source", "get_default_config",

@@ -41,7 +41,8 @@ on the seed.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Mapping
+from typing import Any
+from typing import Mapping
 
 import jax
 import ml_collections
@@ -49,8 +50,10 @@ from absl import logging
 
 from rvq_jax.data.iterator import BatchIterator
 from rvq_jax.data.preprocess import PreprocessConfig
-from rvq_jax.data.sources import (EmbeddedPhotoSource, FolderSource, ImageSource,
-                                  TfdsSource)
+from rvq_jax.data.sources import EmbeddedPhotoSource
+from rvq_jax.data.sources import FolderSource
+from rvq_jax.data.sources import ImageSource
+from rvq_jax.data.sources import TfdsSource
 
 SOURCES = ("embedded", "folder", "tfds")
 SPLITS = ("train", "eval")

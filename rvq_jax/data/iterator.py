@@ -50,15 +50,18 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Mapping
+from typing import Any
+from typing import Mapping
 
 import grain
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
-from rvq_jax.data.preprocess import PreprocessConfig, preprocess_example
+from rvq_jax.data.preprocess import PreprocessConfig
+from rvq_jax.data.preprocess import preprocess_example
 
 PERMUTATION_STREAM = 0x706572  # "per": first word of the shuffle seed's hash.
 # Names the order of the iterator state's 'step': a state saved under another order
@@ -289,7 +292,7 @@ class BatchIterator:
         grain.experimental.set_next_index(self._iterator, self._step)
     return self._iterator
 
-  def __iter__(self) -> "BatchIterator":
+  def __iter__(self) -> BatchIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
@@ -351,7 +354,7 @@ class BatchIterator:
       self._iterator.close()
       self._iterator = None
 
-  def __enter__(self) -> "BatchIterator":
+  def __enter__(self) -> BatchIterator:
     return self
 
   def __exit__(self, *exc_info) -> None:

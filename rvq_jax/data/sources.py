@@ -22,7 +22,8 @@ import io
 import math
 import os
 import threading
-from typing import Any, Sequence
+from typing import Any
+from typing import Sequence
 
 import numpy as np
 from absl import logging

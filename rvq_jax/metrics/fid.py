@@ -15,10 +15,11 @@ so FID and IS, do not depend on how the examples were split into batches or host
 
 FID = ‖mu₁ − mu₂‖² + tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½) in float64, with the unbiased (N − 1)
 covariance of `np.cov`, as the original TTUR code and pytorch-fid define it (the trace of
-the root through a symmetric eigendecomposition; see `frechet_distance`). Inception features come from `rvq_jax.metrics.inception.InceptionV3` (the
-pytorch-fid network, images resized to 299). Images are clipped to [-1, 1] and rounded
-to the 8-bit grid first (`to_uint8_grid`): published FIDs are computed on saved 8-bit
-images, and real images from the data pipeline are on that grid already.
+the root through a symmetric eigendecomposition; see `frechet_distance`). Inception
+features come from `rvq_jax.metrics.inception.InceptionV3` (the pytorch-fid network,
+images resized to 299). Images are clipped to [-1, 1] and rounded to the 8-bit grid first
+(`to_uint8_grid`): published FIDs are computed on saved 8-bit images, and real images
+from the data pipeline are on that grid already.
 
 Reference statistics of a dataset split are computed once and cached in an `.npz`
 (`reference_statistics`) holding `mu`, `sigma` — the key names of pytorch-fid/TTUR/ADM
@@ -38,7 +39,8 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
+from collections.abc import Mapping
 from typing import Any
 
 import jax

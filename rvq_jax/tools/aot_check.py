@@ -30,9 +30,12 @@ import dataclasses
 import json
 import math
 import sys
-from typing import Any, Hashable, Sequence
+from typing import Any
+from typing import Hashable
+from typing import Sequence
 
-from absl import app, flags
+from absl import app
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -114,6 +117,7 @@ def build_stage(config, name: str):
   of the step, so their shapes are all the compile needs.
   """
   from flax import nnx  # pylint: disable=import-outside-toplevel
+
   from rvq_jax.train import stages  # pylint: disable=import-outside-toplevel
   if name == "tokenizer":
     return stages.build(config, name)
@@ -183,6 +187,7 @@ def check(config, *, stage_name: str | None = None, mesh_shape: Sequence[int] | 
   ShapeDtypeStructs with the shardings the loop would give them.
   """
   import jax  # pylint: disable=import-outside-toplevel
+
   from rvq_jax import parallel  # pylint: disable=import-outside-toplevel
   from rvq_jax.train import loop  # pylint: disable=import-outside-toplevel
 

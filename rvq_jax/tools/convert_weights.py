@@ -43,8 +43,8 @@ import numpy as np
 from flax import nnx
 
 from rvq_jax.metrics import inception as inception_lib
-from rvq_jax.models.pretrained import lpips as lpips_lib
 from rvq_jax.models import pretrained
+from rvq_jax.models.pretrained import lpips as lpips_lib
 from rvq_jax.models.pretrained import vgg
 
 NETWORKS = ("vgg16_lpips", "vgg16", "vgg19", "inception_fid")
@@ -156,7 +156,7 @@ def _convert_lpips_heads(
   if set(heads) != expected:
     problems.append(
         f"heads lin0..lin{len(expected) - 1} expected, found "
-        f"{['lin%d' % k for k in sorted(heads)] or 'none'}"
+        f"{[f'lin{k}' for k in sorted(heads)] or 'none'}"
     )
   problems += [
       f"lin{k} appears twice ({', '.join(key for key, _ in found)})"

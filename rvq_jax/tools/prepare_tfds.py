@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app
+from absl import flags
 
 _NAME = flags.DEFINE_string("name", None, "TFDS builder, e.g. celeb_a_hq/256.", required=True)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the prepared data goes (local or "

@@ -63,9 +63,11 @@ def reconstruct(config: ml_collections.ConfigDict, workdir: str, input_dir: str,
 
   written = 0
   os.makedirs(output_dir, exist_ok=True)
-  with jax.set_mesh(mesh), _ordered_iterator(config, source, config.tokenizer.eval.batch_size) as it:
+  batch_size = config.tokenizer.eval.batch_size
+  with jax.set_mesh(mesh), _ordered_iterator(config, source, batch_size) as it:
     for batch in it:
-      reconstructions = reporting.to_uint8(jax.device_get(run(model, loop.global_batch(batch, mesh)["image"])))
+      images = loop.global_batch(batch, mesh)["image"]
+      reconstructions = reporting.to_uint8(jax.device_get(run(model, images)))
       if jax.process_index() != 0:
         continue
       for row, (index, valid) in enumerate(zip(batch["index"], batch["valid"])):
@@ -100,7 +102,8 @@ def encode(config: ml_collections.ConfigDict, workdir: str, split: str, output: 
     return fields
 
   parts: dict[str, list[np.ndarray]] = {}
-  with jax.set_mesh(mesh), _ordered_iterator(config, source, config.tokenizer.eval.batch_size) as it:
+  batch_size = config.tokenizer.eval.batch_size
+  with jax.set_mesh(mesh), _ordered_iterator(config, source, batch_size) as it:
     for batch in it:
       fields = multihost_utils.process_allgather(
           tokenize(model, loop.global_batch(batch, mesh)), tiled=True)

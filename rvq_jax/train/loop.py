@@ -13,14 +13,21 @@ import functools
 import os
 import signal
 import threading
-from typing import Any, Callable, Hashable, Iterator, Mapping, Protocol
+from typing import Any
+from typing import Callable
+from typing import Hashable
+from typing import Iterator
+from typing import Mapping
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from rvq_jax import parallel
 from rvq_jax.data.iterator import to_global_array

@@ -11,7 +11,10 @@ from PIL import Image
 
 from rvq_jax.train import loop
 from rvq_jax.train import reporting
-from rvq_jax.train.prior_stage import PriorStage, decode_images, sample_options, sample_tokens
+from rvq_jax.train.prior_stage import PriorStage
+from rvq_jax.train.prior_stage import decode_images
+from rvq_jax.train.prior_stage import sample_options
+from rvq_jax.train.prior_stage import sample_tokens
 
 
 def _conditions(stage: PriorStage, config: ml_collections.ConfigDict, num_samples: int):

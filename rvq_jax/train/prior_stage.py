@@ -2,14 +2,15 @@
 
 One class serves both priors: they differ only in the model the prior registry
 (`rvq_jax.models.priors`) builds, whose `loss`, `heldout_nll` and `sample` (the `Prior`
-interface) the step functions call. Tokens come from images tokenized on the fly by the frozen tokenizer (the
-default) or from the arrays `--mode=encode` wrote (`prior.train_tokens`).
+interface) the step functions call. Tokens come from images tokenized on the fly by the
+frozen tokenizer (the default) or from the arrays `--mode=encode` wrote (`prior.train_tokens`).
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Hashable
+from typing import Any
+from typing import Hashable
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +22,16 @@ from flax import nnx
 from rvq_jax.data import factory as data_factory
 from rvq_jax.data import token_arrays
 from rvq_jax.metrics import fid as fid_lib
-from rvq_jax.models.priors import TokenLayout, build_prior, prior_class
+from rvq_jax.models.priors import TokenLayout
+from rvq_jax.models.priors import build_prior
+from rvq_jax.models.priors import prior_class
 from rvq_jax.models.priors.conditioning import downsample_label_map
 from rvq_jax.models.tokenizer import Tokenizer
 from rvq_jax.train import loop
 from rvq_jax.train import reporting
 from rvq_jax.train.optimizers import make_optimizer
-from rvq_jax.train.tokenizer_stage import TokenizerStage, load_eval_inception
+from rvq_jax.train.tokenizer_stage import TokenizerStage
+from rvq_jax.train.tokenizer_stage import load_eval_inception
 
 # Prefix of the generation-FID sums in eval outputs.
 _GENERATED = "generated/"

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
+import sys
 import time
 from typing import Mapping
-
-import logging
-import sys
 
 import jax
 import numpy as np

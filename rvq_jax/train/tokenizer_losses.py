@@ -12,7 +12,8 @@ from flax import nnx
 
 from rvq_jax import ops
 from rvq_jax.ops.divergences import AxisName
-from rvq_jax.ops.info_nce import info_nce, positive_cosine
+from rvq_jax.ops.info_nce import info_nce
+from rvq_jax.ops.info_nce import positive_cosine
 
 
 def upsample_tokens(token_map: jax.Array, height: int, width: int) -> jax.Array:

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Hashable
+from typing import Any
+from typing import Hashable
 
 import jax
 import jax.numpy as jnp
@@ -16,16 +17,17 @@ from rvq_jax.data import factory as data_factory
 from rvq_jax.metrics import fid as fid_lib
 from rvq_jax.metrics import image_quality
 from rvq_jax.metrics import inception as inception_lib
-from rvq_jax.ops import gan_losses
-from rvq_jax.models.pretrained import lpips as lpips_lib
 from rvq_jax.models import pretrained
+from rvq_jax.models.pretrained import lpips as lpips_lib
 from rvq_jax.models.pretrained import teachers
 from rvq_jax.models.pretrained import vgg
-from rvq_jax.models.tokenizer.discriminator import NLayerDiscriminator
 from rvq_jax.models.tokenizer import Tokenizer
+from rvq_jax.models.tokenizer.discriminator import NLayerDiscriminator
+from rvq_jax.ops import gan_losses
 from rvq_jax.train import reporting
 from rvq_jax.train import tokenizer_losses as losses_lib
-from rvq_jax.train.optimizers import ema_update, make_optimizer
+from rvq_jax.train.optimizers import ema_update
+from rvq_jax.train.optimizers import make_optimizer
 
 
 def build_tokenizer(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> Tokenizer:
@@ -40,9 +42,9 @@ class TokenizerTrainState(nnx.Module):
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     self.model = build_tokenizer(config, rngs=rngs)
+    loss = config.tokenizer.loss
     self.discriminator = NLayerDiscriminator(
-        in_channels=3, ndf=config.tokenizer.loss.disc_channels, n_layers=config.tokenizer.loss.disc_layers,
-        rngs=rngs)
+        in_channels=3, ndf=loss.disc_channels, n_layers=loss.disc_layers, rngs=rngs)
     g_tx, _ = make_optimizer(config.tokenizer.optim, config.tokenizer.optim.learning_rate)
     d_tx, _ = make_optimizer(config.tokenizer.optim, config.tokenizer.optim.disc_learning_rate)
     self.g_optimizer = nnx.Optimizer(self.model, g_tx, wrt=nnx.Param)
@@ -137,7 +139,8 @@ class TokenizerStage:
     self.config = config
     self.frozen = FrozenNetworks(config)
     self._frozen_graphdef, self._frozen_state = nnx.split(self.frozen)
-    _, self.lr_schedule = make_optimizer(config.tokenizer.optim, config.tokenizer.optim.learning_rate)
+    optim = config.tokenizer.optim
+    _, self.lr_schedule = make_optimizer(optim, optim.learning_rate)
     self.num_codes = config.tokenizer.quantizer.num_codes
 
   # ------------------------------------------------------------------ loop protocol

@@ -28,7 +28,10 @@ NORM_AXES = ("norm",)
 
 
 def logical(*names: str | None) -> dict[str, Any]:
-  """Variable metadata naming the axes, e.g. `nnx.Linear(..., kernel_metadata=logical('embed', 'vocab'))`."""
+  """Variable metadata naming the axes.
+
+  E.g. `nnx.Linear(..., kernel_metadata=logical('embed', 'vocab'))`.
+  """
   return {"out_sharding": tuple(names), "eager_sharding": False}
 
 

@@ -4,11 +4,18 @@
 (`pretrained.load_params`, `pretrained.PretrainedWeight`, ...); the networks are the
 submodules `vgg`, `lpips` and `teachers`.
 """
-from rvq_jax.models.pretrained.weights import (WEIGHTS_DIR_ENV_VAR, PretrainedWeight,
-                                               WeightMismatchError, check_arrays,
-                                               converter_command, load_params,
-                                               module_arrays, param_shapes, read_npz,
-                                               resolve_weights_path, save_params, write_npz)
+from rvq_jax.models.pretrained.weights import WEIGHTS_DIR_ENV_VAR
+from rvq_jax.models.pretrained.weights import PretrainedWeight
+from rvq_jax.models.pretrained.weights import WeightMismatchError
+from rvq_jax.models.pretrained.weights import check_arrays
+from rvq_jax.models.pretrained.weights import converter_command
+from rvq_jax.models.pretrained.weights import load_params
+from rvq_jax.models.pretrained.weights import module_arrays
+from rvq_jax.models.pretrained.weights import param_shapes
+from rvq_jax.models.pretrained.weights import read_npz
+from rvq_jax.models.pretrained.weights import resolve_weights_path
+from rvq_jax.models.pretrained.weights import save_params
+from rvq_jax.models.pretrained.weights import write_npz
 
 __all__ = ["WEIGHTS_DIR_ENV_VAR", "PretrainedWeight", "WeightMismatchError", "check_arrays",
            "converter_command", "load_params", "module_arrays", "param_shapes", "read_npz",

@@ -11,7 +11,8 @@ It is a weaker, less semantic target than CLIP/DINOv2; results with it are not F
 from __future__ import annotations
 
 import os
-from typing import Protocol, runtime_checkable
+from typing import Protocol
+from typing import runtime_checkable
 
 import jax
 import jax.numpy as jnp

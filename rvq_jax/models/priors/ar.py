@@ -37,9 +37,9 @@ from flax import nnx
 
 from rvq_jax import ops
 from rvq_jax.models.layers import partitioning
+from rvq_jax.models.layers.transformer import Transformer
 from rvq_jax.models.priors.base import Prior
 from rvq_jax.models.priors.token_layout import TokenLayout
-from rvq_jax.models.layers.transformer import Transformer
 
 
 class ARPrior(Prior):

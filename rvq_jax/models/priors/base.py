@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,8 @@ from flax import nnx
 
 from rvq_jax.models.layers import dtypes
 from rvq_jax.models.priors.conditioning import ConditionEmbedding
-from rvq_jax.models.priors.token_layout import TokenLayout, TokenSequenceModel
+from rvq_jax.models.priors.token_layout import TokenLayout
+from rvq_jax.models.priors.token_layout import TokenSequenceModel
 
 
 class Prior(TokenSequenceModel, nnx.Module):

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rvq_jax.models.layers import dtypes, partitioning
+from rvq_jax.models.layers import dtypes
+from rvq_jax.models.layers import partitioning
 from rvq_jax.models.layers.dtypes import Dtype
 
 CONDITION_KINDS = ("none", "class", "semantic")

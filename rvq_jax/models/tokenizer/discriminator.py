@@ -35,8 +35,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rvq_jax.models.layers import partitioning
-from rvq_jax.models.tokenizer import vqgan
 from rvq_jax.models.layers.dtypes import Dtype
+from rvq_jax.models.tokenizer import vqgan
 
 DISCRIMINATOR_NORMS = ("group", "batch", "none")
 LEAKY_RELU_SLOPE = 0.2

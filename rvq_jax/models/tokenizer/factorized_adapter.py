@@ -23,7 +23,8 @@ from flax import nnx
 
 from rvq_jax.models.layers import partitioning
 from rvq_jax.models.layers.dtypes import Dtype
-from rvq_jax.models.layers.transformer import TransformerBlock, layer_norm
+from rvq_jax.models.layers.transformer import TransformerBlock
+from rvq_jax.models.layers.transformer import layer_norm
 from rvq_jax.models.tokenizer import vqgan
 
 

@@ -10,7 +10,8 @@ from flax import nnx
 from rvq_jax.models.layers import dtypes
 from rvq_jax.models.tokenizer import vqgan
 from rvq_jax.models.tokenizer.factorized_adapter import FactorizedEncoder
-from rvq_jax.models.tokenizer.quantizers import QuantizerOutput, registry
+from rvq_jax.models.tokenizer.quantizers import QuantizerOutput
+from rvq_jax.models.tokenizer.quantizers import registry
 from rvq_jax.models.tokenizer.representation_head import FeaturePredictionHead
 
 # Global feature width of the teachers rvq_jax ships (VGG relu5 pooled).

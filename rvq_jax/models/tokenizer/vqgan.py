@@ -47,7 +47,9 @@ from flax import nnx
 
 from rvq_jax.models.layers import partitioning
 from rvq_jax.models.layers.dtypes import Dtype
-from rvq_jax.models.layers.partitioning import CONV_BIAS_AXES, CONV_KERNEL_AXES, NORM_AXES
+from rvq_jax.models.layers.partitioning import CONV_BIAS_AXES
+from rvq_jax.models.layers.partitioning import CONV_KERNEL_AXES
+from rvq_jax.models.layers.partitioning import NORM_AXES
 
 # taming's Normalize(): GroupNorm(num_groups=32, eps=1e-6, affine=True).
 NORM_GROUPS = 32

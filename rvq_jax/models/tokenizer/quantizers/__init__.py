@@ -2,13 +2,20 @@
 
 Each kind is registered once below; `registry` builds and validates any of them.
 """
-from rvq_jax.models.tokenizer.quantizers import factorized, gumbel, regularized, registry, vector
+from rvq_jax.models.tokenizer.quantizers import factorized
+from rvq_jax.models.tokenizer.quantizers import gumbel
+from rvq_jax.models.tokenizer.quantizers import registry
+from rvq_jax.models.tokenizer.quantizers import regularized
+from rvq_jax.models.tokenizer.quantizers import vector
 from rvq_jax.models.tokenizer.quantizers.factorized import FactorizedQuantizer
 from rvq_jax.models.tokenizer.quantizers.gumbel import GumbelQuantizer
-from rvq_jax.models.tokenizer.quantizers.output import QuantizerOutput, TemperatureSchedule
+from rvq_jax.models.tokenizer.quantizers.output import QuantizerOutput
+from rvq_jax.models.tokenizer.quantizers.output import TemperatureSchedule
+from rvq_jax.models.tokenizer.quantizers.registry import QuantizerSpec
+from rvq_jax.models.tokenizer.quantizers.registry import build_quantizer
 from rvq_jax.models.tokenizer.quantizers.regularized import RegularizedQuantizer
-from rvq_jax.models.tokenizer.quantizers.registry import QuantizerSpec, build_quantizer
-from rvq_jax.models.tokenizer.quantizers.vector import EMAState, VectorQuantizer
+from rvq_jax.models.tokenizer.quantizers.vector import EMAState
+from rvq_jax.models.tokenizer.quantizers.vector import VectorQuantizer
 
 # The built-in kinds, in the order configs and docs list them: one line per quantizer.
 for _spec in (vector.SPEC, gumbel.SPEC, regularized.SPEC, factorized.FQ_SPEC,

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rvq_jax import ops
-from rvq_jax.models.tokenizer.quantizers import registry, regularized, vector
+from rvq_jax.models.tokenizer.quantizers import registry
+from rvq_jax.models.tokenizer.quantizers import regularized
+from rvq_jax.models.tokenizer.quantizers import vector
 from rvq_jax.models.tokenizer.quantizers.output import QuantizerOutput
 
 

@@ -5,8 +5,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rvq_jax.models.tokenizer.quantizers.output import QuantizerOutput, TemperatureSchedule
-from rvq_jax.models.tokenizer.quantizers import registry, regularized
+from rvq_jax.models.tokenizer.quantizers import registry
+from rvq_jax.models.tokenizer.quantizers import regularized
+from rvq_jax.models.tokenizer.quantizers.output import QuantizerOutput
+from rvq_jax.models.tokenizer.quantizers.output import TemperatureSchedule
 from rvq_jax.models.tokenizer.quantizers.regularized import RegularizedQuantizer
 
 

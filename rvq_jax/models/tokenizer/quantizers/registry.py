@@ -17,7 +17,8 @@ The config a spec's builder receives (`tokenizer.quantizer`):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 from flax import nnx

@@ -11,8 +11,10 @@ from rvq_jax import ops
 from rvq_jax.models.layers import partitioning
 from rvq_jax.models.tokenizer.quantizers import registry
 from rvq_jax.models.tokenizer.quantizers.logits import TokenLogits
-from rvq_jax.models.tokenizer.quantizers.output import (QuantizerOutput, TemperatureSchedule, build_aux,
-                                              check_input)
+from rvq_jax.models.tokenizer.quantizers.output import QuantizerOutput
+from rvq_jax.models.tokenizer.quantizers.output import TemperatureSchedule
+from rvq_jax.models.tokenizer.quantizers.output import build_aux
+from rvq_jax.models.tokenizer.quantizers.output import check_input
 
 
 class RegularizedQuantizer(nnx.Module):

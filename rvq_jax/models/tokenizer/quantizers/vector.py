@@ -8,7 +8,9 @@ from flax import nnx
 from rvq_jax import ops
 from rvq_jax.models.layers import partitioning
 from rvq_jax.models.tokenizer.quantizers import registry
-from rvq_jax.models.tokenizer.quantizers.output import QuantizerOutput, build_aux, check_input
+from rvq_jax.models.tokenizer.quantizers.output import QuantizerOutput
+from rvq_jax.models.tokenizer.quantizers.output import build_aux
+from rvq_jax.models.tokenizer.quantizers.output import check_input
 
 
 class EMAState(nnx.Variable):
