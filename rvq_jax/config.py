@@ -350,8 +350,9 @@ def _validate_priors(config: ml_collections.ConfigDict, check) -> None:
           "prior.num_classes > 0")
   data = config.data
   if prior.condition == "class" and not prior.train_tokens:
-    check(data.class_labels or data.label_key, "prior.condition='class' needs class labels in "
-          "the data (data.class_labels=True for a folder, or data.label_key for TFDS)")
+    check(data.source == "idx" or data.class_labels or data.label_key,
+          "prior.condition='class' needs class labels in the data (data.class_labels=True "
+          "for a folder, or data.label_key for TFDS; IDX files always have them)")
   if prior.condition == "semantic" and not prior.train_tokens:
     check(data.label_path or data.label_map_key, "prior.condition='semantic' needs label maps "
           "in the data (data.label_path for a folder, or data.label_map_key for TFDS)")

@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from rvq_jax import data
+from rvq_jax.data import factory
 from rvq_jax.data import token_arrays
 
 # Distinct colours for labels 0..9, so an image pixel tells which label it shows.
@@ -542,3 +543,84 @@ def test_token_eval_is_one_padded_ordered_pass_and_train_resumes(tmp_path):
   resumed.restore(json.loads(json.dumps(interrupted.get_state())))
   for expected in uninterrupted[3:]:
     _assert_batches_equal(next(resumed), expected)
+
+
+# ------------------------------------------------------------------- IDX files
+
+
+def _write_idx(path, array, *, compress=True):
+  """An IDX file written from its definition (magic, dims, big-endian sizes, data)."""
+  import gzip
+  codes = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C}
+  array = np.asarray(array)
+  header = bytes([0, 0, codes[array.dtype], array.ndim]) + b"".join(
+      int(d).to_bytes(4, "big") for d in array.shape)
+  payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+  opener = gzip.open if compress else open
+  with opener(str(path) + (".gz" if compress else ""), "wb") as f:
+    f.write(payload)
+
+
+def _tiny_idx(tmp_path, num_train=10, num_eval=6):
+  rng = np.random.default_rng(0)
+  data = {}
+  for split, (images, labels), count in (("train", IDX_STEMS["train"], num_train),
+                                         ("eval", IDX_STEMS["eval"], num_eval)):
+    pixels = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+    classes = (np.arange(count) % 10).astype(np.uint8)
+    _write_idx(tmp_path / images, pixels, compress=split == "train")
+    _write_idx(tmp_path / labels, classes, compress=split == "train")
+    data[split] = (pixels, classes)
+  return data
+
+
+IDX_STEMS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "eval": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def test_read_idx_reads_what_the_format_defines_and_rejects_the_rest(tmp_path):
+  from rvq_jax.data import read_idx
+  array = np.arange(2 * 3 * 4, dtype=np.int32).reshape(2, 3, 4) - 5
+  _write_idx(tmp_path / "a", array, compress=False)
+  _write_idx(tmp_path / "b", array.astype(np.uint8) % 7)
+  np.testing.assert_array_equal(read_idx(str(tmp_path / "a")), array)
+  np.testing.assert_array_equal(read_idx(str(tmp_path / "b.gz")), array.astype(np.uint8) % 7)
+  (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01" + b"\x00" * 8)
+  with pytest.raises(ValueError, match="not an IDX file"):
+    read_idx(str(tmp_path / "bad"))
+  (tmp_path / "short").write_bytes((tmp_path / "a").read_bytes()[:-4])
+  with pytest.raises(ValueError, match=r"the header says \(2, 3, 4\)"):
+    read_idx(str(tmp_path / "short"))
+
+
+def test_idx_source_gives_labelled_rgb_images_padded_without_resampling(tmp_path):
+  data = _tiny_idx(tmp_path)
+  config = dict(source="idx", idx_path=str(tmp_path), image_size=32, idx_pad_to=32,
+                random_crop=False, random_flip=False, num_workers=1)
+  iterator = factory.create_dataset(config, split="eval", process_index=0, process_count=1,
+                                    batch_size=4)
+  batches = list(iterator)
+  valid = np.concatenate([b["valid"] for b in batches])
+  images = np.concatenate([b["image"] for b in batches])[valid]
+  labels = np.concatenate([b["label"] for b in batches])[valid]
+  pixels, classes = data["eval"]
+  np.testing.assert_array_equal(labels, classes)  # The t10k files, in order.
+  assert images.shape == (6, 32, 32, 3)
+  np.testing.assert_array_equal(images[..., 0], images[..., 2])  # Gray replicated to RGB.
+  uint8 = np.round((images[..., 0] + 1) * 127.5)
+  np.testing.assert_array_equal(uint8[:, 2:30, 2:30], pixels)  # Centred, not resampled.
+  assert (uint8[:, :2] == 0).all() and (uint8[:, :, 30:] == 0).all()
+  source = factory.create_source(config, split="train")
+  assert len(source) == 10 and source.num_classes == 10 and source.has_labels
+  assert source.class_names[9] == "Ankle boot"
+
+
+def test_missing_idx_files_name_the_package_and_the_tfds_alternative(tmp_path):
+  config = dict(source="idx", idx_path=str(tmp_path), image_size=32)
+  with pytest.raises(FileNotFoundError) as error:
+    factory.create_source(config, split="train")
+  assert "apt-get install -y dataset-fashion-mnist" in str(error.value)
+  assert "data.source='tfds'" in str(error.value)
+  with pytest.raises(ValueError, match="pad_to=20 is smaller"):
+    _tiny_idx(tmp_path)
+    factory.create_source(dict(config, idx_pad_to=20), split="train")

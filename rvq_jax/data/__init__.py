@@ -32,14 +32,17 @@ from rvq_jax.data.preprocess import crop_geometry
 from rvq_jax.data.preprocess import preprocess_example
 from rvq_jax.data.sources import EMBEDDED_EVAL_PHOTOS
 from rvq_jax.data.sources import EMBEDDED_TRAIN_PHOTOS
+from rvq_jax.data.sources import FASHION_MNIST_CLASSES
 from rvq_jax.data.sources import IMAGE_EXTENSIONS
 from rvq_jax.data.sources import EmbeddedPhotoSource
 from rvq_jax.data.sources import FolderSource
+from rvq_jax.data.sources import IdxSource
 from rvq_jax.data.sources import ImageSource
 from rvq_jax.data.sources import TfdsSource
 from rvq_jax.data.sources import decode_image
 from rvq_jax.data.sources import decode_label_map
 from rvq_jax.data.sources import load_embedded_photo
+from rvq_jax.data.sources import read_idx
 from rvq_jax.data.sources import tfds_prepare_instructions
 
 __all__ = [
@@ -49,5 +52,5 @@ __all__ = [
     "preprocess_example", "EMBEDDED_EVAL_PHOTOS", "EMBEDDED_TRAIN_PHOTOS",
     "IMAGE_EXTENSIONS", "EmbeddedPhotoSource", "FolderSource", "ImageSource",
     "TfdsSource", "decode_image", "decode_label_map", "load_embedded_photo",
-    "tfds_prepare_instructions",
+    "tfds_prepare_instructions", "FASHION_MNIST_CLASSES", "IdxSource", "read_idx",
 ]

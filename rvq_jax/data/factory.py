@@ -4,7 +4,7 @@ The data config is an ml_collections.ConfigDict (or a plain dict) with the field
 `get_default_config()`; fields left out take their defaults, unknown fields are
 errors (they are almost always typos). Fields, by group:
 
-  source                  'embedded' | 'folder' | 'tfds'
+  source                  'embedded' | 'folder' | 'tfds' | 'idx'
   image_size              S: every example becomes S×S (int >= 1)
   batch_size              global training batch B (all processes together)
   eval_batch_size         global eval batch; 0 = batch_size
@@ -27,6 +27,10 @@ errors (they are almost always typos). Fields, by group:
   class_labels            class = first-level subdirectory
   class_names             explicit class order (keeps train/eval labels consistent)
   probe_files             header-check every file when building the source
+  -- source='idx' (LeCun's IDX files: Fashion-MNIST, MNIST; labelled, grayscale → RGB)
+  idx_path                folder of train-*/t10k-*-idx?-ubyte(.gz) ('' = Debian's
+                          dataset-fashion-mnist location, /usr/share/datasets/fashion-mnist)
+  idx_pad_to              centre the images on a black canvas of this side (0 = no padding)
   -- source='embedded' (photographs inside the scikit-image wheel; no download)
   embedded_train_crops_per_photo, embedded_eval_crops_per_photo, embedded_crop_seed
   -- loading
@@ -50,16 +54,19 @@ from absl import logging
 
 from rvq_jax.data.iterator import BatchIterator
 from rvq_jax.data.preprocess import PreprocessConfig
+from rvq_jax.data.sources import FASHION_MNIST_DIR
 from rvq_jax.data.sources import EmbeddedPhotoSource
 from rvq_jax.data.sources import FolderSource
+from rvq_jax.data.sources import IdxSource
 from rvq_jax.data.sources import ImageSource
 from rvq_jax.data.sources import TfdsSource
 
-SOURCES = ("embedded", "folder", "tfds")
+SOURCES = ("embedded", "folder", "tfds", "idx")
 SPLITS = ("train", "eval")
 
 _TFDS_FIELDS = ("name", "data_dir", "manual_dir", "label_key", "label_map_key")
 _FOLDER_FIELDS = ("path", "label_path", "eval_path", "eval_label_path")
+_IDX_FIELDS = ("idx_path", "idx_pad_to")
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -91,6 +98,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.class_labels = False
   config.class_names = ()
   config.probe_files = True
+
+  config.idx_path = ""
+  config.idx_pad_to = 0
 
   config.embedded_train_crops_per_photo = 128
   config.embedded_eval_crops_per_photo = 16
@@ -155,7 +165,8 @@ def validate_config(data_config, *, split: str = "train",
     if value % process_count:
       raise ValueError(f"data config field {key}={value} (global) is not divisible by "
                        f"the {process_count} processes.")
-  for key in ("resize_shorter_side", "resize_shorter_side_max", "embedded_crop_seed"):
+  for key in ("resize_shorter_side", "resize_shorter_side_max", "embedded_crop_seed",
+              "idx_pad_to"):
     _int_field(config, key, 0)
   _int_field(config, "embedded_train_crops_per_photo", 1)
   _int_field(config, "embedded_eval_crops_per_photo", 1)
@@ -183,6 +194,8 @@ def validate_config(data_config, *, split: str = "train",
     stray += [key for key in _TFDS_FIELDS if config[key]]
   if config.source != "folder":
     stray += [key for key in _FOLDER_FIELDS if config[key]]
+  if config.source != "idx":
+    stray += [key for key in _IDX_FIELDS if config[key]]
   if stray:
     logging.warning("data config: source=%r ignores the fields %s.", config.source, stray)
   return config
@@ -213,6 +226,9 @@ def _create_source(config: ml_collections.ConfigDict, split: str) -> ImageSource
     return EmbeddedPhotoSource(split, crops_per_photo=crops,
                                min_crop_size=config.image_size,
                                crop_seed=config.embedded_crop_seed)
+  if config.source == "idx":
+    return IdxSource(config.idx_path or FASHION_MNIST_DIR, split=split,
+                     pad_to=config.idx_pad_to)
   if config.source == "folder":
     return FolderSource(config.path if train else config.eval_path,
                         label_path=(config.label_path if train else config.eval_label_path)

@@ -531,3 +531,112 @@ class EmbeddedPhotoSource(ImageSource):
     top, left, side = self.crop_window(index)
     photo = self.photos[index % len(self.photos)]
     return {"image": photo[top:top + side, left:left + side]}
+
+
+# ------------------------------------------------------------------- IDX files
+
+# Fashion-MNIST's classes, in label order (Xiao et al. 2017).
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot")
+# Where Debian's `dataset-fashion-mnist` package installs the four original files.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "eval": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
+               0x0E: ">f8"}
+
+
+def read_idx(path: str) -> np.ndarray:
+  """An IDX file (LeCun's MNIST format; `.gz` or plain) as a NumPy array.
+
+  Header: two zero bytes, a type code, the number of dimensions n, then n big-endian
+  uint32 sizes; the data follow in C order. Raises ValueError on anything else.
+  """
+  import gzip  # Deferred: only IDX sources read gzip.
+
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    data = f.read()
+  if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+    raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4].hex()}).")
+  dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
+  shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+  offset = 4 + 4 * ndim
+  expected = offset + math.prod(shape) * dtype.itemsize
+  if len(data) != expected:
+    raise ValueError(f"{path}: the header says {shape} {dtype} ({expected} bytes), the file "
+                     f"has {len(data)} bytes.")
+  return np.frombuffer(data, dtype, offset=offset).reshape(shape)
+
+
+def _idx_file(directory: str, stem: str) -> str:
+  for name in (stem + ".gz", stem):
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+      return path
+  raise FileNotFoundError(
+      f"no {stem}.gz (or {stem}) in {directory}. Fashion-MNIST's files come with Debian's "
+      "package: `apt-get update && apt-get install -y dataset-fashion-mnist` (installs "
+      f"them in {FASHION_MNIST_DIR}); or point data.idx_path at a folder holding them; or, "
+      "with internet access, use TFDS instead: data.source='tfds', data.name="
+      "'fashion_mnist', data.label_key='label', data.eval_split='test'.")
+
+
+class IdxSource(ImageSource):
+  """Labelled grayscale images from IDX files (Fashion-MNIST, MNIST), held in memory.
+
+  The single channel is replicated to RGB, so the tokenizer, LPIPS and VGG see the
+  3-channel images they were built for (an RGB image with R = G = B), and the
+  decoder's three outputs are read back the same way. With `pad_to` > the image side,
+  each image is centred on a black canvas of that side (Fashion-MNIST's background is
+  black, so 28 → 32 keeps every pixel as it is instead of resampling).
+
+  Args:
+    directory: the folder with `<split>-images-idx3-ubyte(.gz)` and the labels file.
+    split: 'train' (train-*) or 'eval' (t10k-*).
+    pad_to: side of the canvas (0 = none).
+    class_names: the label names (for sample grids); their count is `num_classes`.
+  """
+
+  has_labels = True
+
+  def __init__(self, directory: str = FASHION_MNIST_DIR, *, split: str = "train",
+               pad_to: int = 0, class_names: Sequence[str] = FASHION_MNIST_CLASSES):
+    super().__init__()
+    if split not in IDX_FILES:
+      raise ValueError(f"IDX split must be 'train' or 'eval', got {split!r}.")
+    image_stem, label_stem = IDX_FILES[split]
+    image_path = _idx_file(directory, image_stem)
+    self.path = image_path
+    images = read_idx(image_path)
+    labels = read_idx(_idx_file(directory, label_stem))
+    if images.ndim != 3 or images.dtype != np.uint8:
+      raise ValueError(f"{image_path}: expected uint8 images [N, H, W], got {images.dtype} "
+                       f"{images.shape}.")
+    if labels.shape != images.shape[:1]:
+      raise ValueError(f"{directory}: {images.shape[0]} images but labels of shape "
+                       f"{labels.shape}.")
+    self.class_names = tuple(class_names)
+    self.num_classes = len(self.class_names)
+    if labels.size and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+      raise ValueError(f"{directory}: labels outside [0, {self.num_classes}).")
+    height, width = images.shape[1:]
+    if pad_to and pad_to < max(height, width):
+      raise ValueError(f"pad_to={pad_to} is smaller than the {height}×{width} images.")
+    self.pad_to = int(pad_to)
+    self.images, self.labels = images, labels.astype(np.int32)
+
+  def __len__(self) -> int:
+    return int(self.images.shape[0])
+
+  def _load(self, index: int) -> Example:
+    image = self.images[index]
+    if self.pad_to:
+      height, width = image.shape
+      top, left = (self.pad_to - height) // 2, (self.pad_to - width) // 2
+      canvas = np.zeros((self.pad_to, self.pad_to), np.uint8)
+      canvas[top:top + height, left:left + width] = image
+      image = canvas
+    return {"image": np.repeat(image[..., None], 3, axis=-1),
+            "label": np.int32(self.labels[index])}
+
