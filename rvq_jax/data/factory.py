@@ -54,6 +54,7 @@ from absl import logging
 
 from rvq_jax.data.iterator import BatchIterator
 from rvq_jax.data.preprocess import PreprocessConfig
+from rvq_jax.data.sources import FASHION_MNIST_CLASSES
 from rvq_jax.data.sources import FASHION_MNIST_DIR
 from rvq_jax.data.sources import EmbeddedPhotoSource
 from rvq_jax.data.sources import FolderSource
@@ -212,6 +213,15 @@ def preprocess_config(data_config, *, training: bool) -> PreprocessConfig:
       training=training)
 
 
+def class_names(data_config) -> tuple[str, ...] | None:
+  """The names of the class labels, for captions: `class_names` when given, Fashion-MNIST's
+  for an IDX source, else None (the labels are shown as numbers)."""
+  config = resolve_config(data_config)
+  if config.class_names:
+    return tuple(config.class_names)
+  return FASHION_MNIST_CLASSES if config.source == "idx" else None
+
+
 def create_source(data_config, *, split: str) -> ImageSource:
   """The random-access source for `split` ('train' | 'eval') of a data config."""
   return _create_source(validate_config(data_config, split=split), split)
@@ -228,7 +238,8 @@ def _create_source(config: ml_collections.ConfigDict, split: str) -> ImageSource
                                crop_seed=config.embedded_crop_seed)
   if config.source == "idx":
     return IdxSource(config.idx_path or FASHION_MNIST_DIR, split=split,
-                     pad_to=config.idx_pad_to)
+                     pad_to=config.idx_pad_to,
+                     class_names=tuple(config.class_names) or FASHION_MNIST_CLASSES)
   if config.source == "folder":
     return FolderSource(config.path if train else config.eval_path,
                         label_path=(config.label_path if train else config.eval_label_path)

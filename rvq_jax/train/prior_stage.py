@@ -241,8 +241,14 @@ class PriorStage:
     tokens = sample_tokens(container.model, key, condition, self.layout, num,
                            tuple(sorted(sample_options(self.config, self.kind).items())))
     images = decode_images(self.tokenizer(constants), tokens)
+    captions = None
+    if self.condition_kind == "class":
+      names = data_factory.class_names(self.config.data)
+      captions = [names[c] if names and c < len(names) else f"class {c}"
+                  for c in reporting.to_host(condition).tolist()]
     return {"samples": reporting.image_grid(reporting.to_uint8(reporting.to_host(images)),
-                                            columns=int(math.ceil(math.sqrt(num))))}
+                                            columns=int(math.ceil(math.sqrt(num))),
+                                            captions=captions)}
 
 
 @nnx.jit(static_argnames=("layout", "num_samples", "options"))
