@@ -179,7 +179,8 @@ def test_gumbel_samples_every_position_with_per_position_kl():
   # Taming's full L1: every position counts as reconstructed, sampled or not.
   assert np.asarray(out.aux["deterministic_region"]).all()
   np.testing.assert_allclose(float(out.stats["temperature"]), 0.9, rtol=1e-6)
-  probs, _ = _tempered_probs(quantizer, z, tau=0.9)
+  # Taming's KL is on softmax(ℓ), whatever τ (qy = softmax(logits)).
+  probs, _ = _tempered_probs(quantizer, z, tau=1.0)
   per_position = math.log(K) + np.sum(probs * np.log(probs), -1)
   np.testing.assert_allclose(float(out.losses["per_position_kl"]), 5e-4 * per_position.mean(),
                              rtol=1e-5)

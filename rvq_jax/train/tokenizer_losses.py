@@ -92,7 +92,11 @@ def pcl_over_layers(key: jax.Array, features_x: Mapping[str, jax.Array],
 
 def adaptive_gan_weight(reconstruction_grad: jax.Array, gan_grad: jax.Array, *,
                         disc_weight: float, max_weight: float = 1e4) -> jax.Array:
-  """Taming's balance: ‖∇_last L_rec‖ / (‖∇_last L_gan‖ + 1e-4), clamped, × disc_weight."""
+  """Taming's balance: ‖∇_last L_nll‖ / (‖∇_last L_gan‖ + 1e-4), clamped, × disc_weight.
+
+  `reconstruction_grad` is the gradient of the NLL only (L1 + λ_p·LPIPS, taming's
+  `nll_loss`), not of PCL, the quantizer or the representation losses.
+  """
   rec_norm = jnp.linalg.norm(reconstruction_grad.astype(jnp.float32))
   gan_norm = jnp.linalg.norm(gan_grad.astype(jnp.float32))
   weight = jnp.clip(rec_norm / (gan_norm + 1e-4), 0.0, max_weight)

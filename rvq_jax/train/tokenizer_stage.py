@@ -218,6 +218,11 @@ class TokenizerStage:
                                                 deterministic=False)
       rec_total, terms = self._reconstruction_losses(model, frozen, images, reconstructions,
                                                      quantizer_output, pcl_key)
+      # Taming's NLL (L1 + λ_p·LPIPS): the adaptive GAN weight's numerator, without PCL,
+      # the quantizer losses or the representation loss.
+      nll = loss_config.l1_weight * terms["l1"]
+      if loss_config.perceptual_weight > 0:
+        nll += loss_config.perceptual_weight * terms["lpips"]
       if use_gan:
         discriminator = nnx.merge(disc_graphdef, disc_params, disc_rest)
         gan = gan_losses.generator_loss(discriminator(reconstructions),
@@ -226,18 +231,20 @@ class TokenizerStage:
         gan = jnp.zeros((), jnp.float32)
       aux = (terms, quantizer_output.stats, reconstructions,
              nnx.state(model, nnx.Not(nnx.Param)))
-      return (rec_total, gan), aux
+      return (rec_total, nll, gan), aux
 
-    (rec_total, gan), vjp_fn, aux = jax.vjp(forward, params, has_aux=True)
+    (rec_total, _, gan), vjp_fn, aux = jax.vjp(forward, params, has_aux=True)
     terms, stats, reconstructions, new_model_rest = aux
     one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
-    (rec_grads,) = vjp_fn((one, zero))
+    (rec_grads,) = vjp_fn((one, zero, zero))
     metrics = {}
     if use_gan:
-      (gan_grads,) = vjp_fn((zero, one))
+      (gan_grads,) = vjp_fn((zero, zero, one))
+      (nll_grads,) = vjp_fn((zero, one, zero))
       last_layer = container.model.last_layer_path()
+      # Taming's calculate_adaptive_weight(nll_loss, g_loss, last_layer).
       gan_weight = losses_lib.adaptive_gan_weight(
-          _at_path(rec_grads, last_layer), _at_path(gan_grads, last_layer),
+          _at_path(nll_grads, last_layer), _at_path(gan_grads, last_layer),
           disc_weight=loss_config.disc_weight) * loss_config.disc_factor
       grads = jax.tree.map(lambda r, g: r + gan_weight * g, rec_grads, gan_grads)
       metrics.update(gan_weight=gan_weight, g_adversarial=gan)
@@ -359,7 +366,8 @@ class TokenizerStage:
     reconstructions, indices = _reconstruct(self.eval_model(container), images)
     pair = np.concatenate([reporting.to_host(images), reporting.to_host(reconstructions)],
                           axis=0)
-    grid = reporting.image_grid(reporting.to_uint8(pair), columns=len(images))
+    grid = reporting.image_grid(reporting.to_uint8(pair), columns=len(images),
+                                row_labels=("input", "reconstruction"))
     indices = reporting.to_host(indices)
     # Factorized tokens [B, h, w, M]: the histogram of the first sub-codebook.
     counts = np.bincount(indices.reshape(-1) if indices.ndim < 4 else indices[..., 0].ravel(),

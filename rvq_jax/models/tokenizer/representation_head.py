@@ -31,18 +31,19 @@ class FeaturePredictionHead(nnx.Module):
 
     Linear(code_dim → width) → ReLU → Linear(width → width)      per token
     prepend a learned CLS token, add a learned position embedding [h·w + 1, width]
+    LayerNorm (ln_pre)
     `num_blocks` pre-LN TransformerBlocks (`num_heads` heads, MLP × `mlp_ratio`)
     LayerNorm (ln_post) → token 0 → [B, width]
     optional Linear(width → target_dim), when the teacher's feature width differs
 
   FQGAN: width = teacher width (1024 for CLIP-L, 384 DINOv2-S, 768 CLIP-B), 3 blocks,
-  8 heads, MLP × 4, no ln_pre, no final projection (39.1M parameters at width 1024,
+  8 heads, MLP × 4, ln_pre and ln_post, no final projection (39.1M parameters at width 1024,
   grid 16, code_dim 8; FQGAN reports roughly 39M). The position embedding is for a
   fixed `grid_size` × `grid_size` token grid, so inputs must have exactly that grid.
 
   Parameters: `input_proj_1` [code_dim, width] ('code', 'embed'), `input_proj_2`
   [width, width] ('embed', None), `class_token` [width] ('embed',),
-  `pos_embed` [h·w + 1, width] ('position', 'embed'), `blocks[i]`, `ln_post`, and
+  `pos_embed` [h·w + 1, width] ('position', 'embed'), `ln_pre`, `blocks[i]`, `ln_post`, and
   `target_proj` [width, target_dim] ('embed', None) when `target_dim` is set.
   """
 
@@ -95,6 +96,7 @@ class FeaturePredictionHead(nnx.Module):
         scale * jax.random.normal(rngs.params(), (grid_size * grid_size + 1, width),
                                   param_dtype),
         "position", "embed")
+    self.ln_pre = layer_norm(width, **kw)
     self.blocks = nnx.List([TransformerBlock(width, num_heads, mlp_ratio=mlp_ratio, **kw)
                             for _ in range(num_blocks)])
     self.ln_post = layer_norm(width, **kw)
@@ -116,7 +118,7 @@ class FeaturePredictionHead(nnx.Module):
     tokens = self.input_proj_2(jax.nn.relu(self.input_proj_1(tokens)))  # [B, h·w, width]
     cls = jnp.broadcast_to(self.class_token[...].astype(self.dtype), (batch, 1, self.width))
     tokens = jnp.concatenate([cls, tokens], axis=1)  # [B, h·w + 1, width]
-    tokens = tokens + self.pos_embed[...].astype(self.dtype)
+    tokens = self.ln_pre(tokens + self.pos_embed[...].astype(self.dtype))
     for block in self.blocks:
       tokens = block(tokens)
     features = self.ln_post(tokens[:, 0])  # only the CLS token is read: skip the others

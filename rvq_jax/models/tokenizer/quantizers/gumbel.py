@@ -15,7 +15,7 @@ from rvq_jax.models.tokenizer.quantizers.regularized import RegularizedQuantizer
 class GumbelQuantizer(RegularizedQuantizer):
   """Every position takes a hard straight-through Gumbel sample in training.
 
-  Regularized by the per-position KL(p_i ‖ uniform) (weight 5e-4), with the temperature
+  Regularized by the per-position KL(softmax(ℓ_i) ‖ uniform) (weight 5e-4, τ-free), with τ
   annealed by cosine from 0.9 to 1e-6 — taming's defaults. It is Reg-VQ's categorical
   quantizer with mask ratio 1 and the per-position instead of the marginal prior, so the
   two differ only in what the paper changes. Evaluation takes the argmax. Its

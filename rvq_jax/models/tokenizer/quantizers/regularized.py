@@ -33,7 +33,7 @@ class RegularizedQuantizer(nnx.Module):
     in_features: width of the input (defaults to D).
     mask_ratio: r, the fraction of stochastic positions (0.4 in the paper).
     prior_kl_weight: λ_kl on KL(p̄ ‖ uniform).
-    per_position_kl_weight: weight on mean_i KL(p_i ‖ uniform) (Gumbel-VQ's term; 0 here).
+    per_position_kl_weight: weight on mean_i KL(softmax(ℓ_i) ‖ uniform), τ-free (Gumbel-VQ; 0 here).
     logits: 'projection' or 'distance'.
     temperature: τ schedule (constant 1.0 by default).
   """
@@ -110,14 +110,17 @@ class RegularizedQuantizer(nnx.Module):
     one_hot = ops.straight_through(jax.nn.one_hot(indices, self.num_codes, dtype=jnp.float32),
                                    soft).astype(logits.dtype)
     quantized = ops.one_hot_lookup(one_hot, indices, codebook.astype(one_hot.dtype))
-    probs = jax.nn.softmax(logits.astype(jnp.float32) / tau, axis=-1)
+    # Reg-VQ's prior KL is on the batch mean of p_i = softmax(ℓ_i/τ) (method.md).
+    probs = jax.nn.softmax(logits32 / tau, axis=-1)
     prior_kl = ops.kl_to_uniform(probs)
     losses = {}
     if self.prior_kl_weight:
       losses["prior_kl"] = self.prior_kl_weight * prior_kl
     if self.per_position_kl_weight:
+      # Gumbel-VQ's per-position KL is on softmax(ℓ_i), independent of τ (taming's
+      # GumbelQuantize: qy = softmax(logits)).
       losses["per_position_kl"] = self.per_position_kl_weight * ops.per_position_kl_to_uniform(
-          probs)
+          jax.nn.softmax(logits32, axis=-1))
     stats = ops.codebook_stats(indices, self.num_codes)
     stats.update(temperature=tau, kl_to_uniform=prior_kl,
                  stochastic_fraction=jnp.mean(mask.astype(jnp.float32)))

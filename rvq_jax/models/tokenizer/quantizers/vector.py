@@ -56,7 +56,9 @@ class VectorQuantizer(nnx.Module):
       init = _unit(init)
     if use_ema:
       self.codebook = EMAState(init, **partitioning.logical("vocab", "code"))
-      self.cluster_size = EMAState(jnp.zeros((num_codes,), jnp.float32),
+      # Each code starts as one pseudo-vector equal to itself (count 1, sum = the code), so
+      # a code no batch selects keeps its value: its count and sum decay together.
+      self.cluster_size = EMAState(jnp.ones((num_codes,), jnp.float32),
                                    **partitioning.logical("vocab"))
       self.embed_sum = EMAState(init, **partitioning.logical("vocab", "code"))
     else:
