@@ -263,3 +263,16 @@ def test_heads_equal_the_lpips_torch_wheel():
                key.endswith(".weight"))
     np.testing.assert_allclose(ours[f"lins.{k}.kernel"][0, 0, :, 0],
                                state[key].numpy()[0, :, 0, 0], rtol=1e-6)
+
+
+@needs_package
+def test_lpips_features_are_imagenet_vgg16_features(real_lpips):
+  # LPIPS's scaling layer is ImageNet's mean/std written for [-1, 1]: its features must
+  # equal a plain VGG16 (ImageNet normalization on) with the same weights.
+  plain = vgg.load_vgg16(PACKAGE_FILE)
+  images = _photographs()
+  ours = real_lpips.features(images, layers=("relu2_2", "relu5_3"))
+  reference = plain(images, layers=("relu2_2", "relu5_3"))
+  for name in ("relu2_2", "relu5_3"):
+    scale = float(jnp.max(jnp.abs(reference[name])))
+    np.testing.assert_allclose(ours[name], reference[name], atol=2e-3 * scale)

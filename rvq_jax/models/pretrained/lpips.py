@@ -151,6 +151,23 @@ class LPIPS(nnx.Module):
     )
     self.lins = nnx.List([LinearHead(channels, rngs=rngs) for channels in LPIPS_CHANNELS])
 
+  def features(self, images: jax.Array,
+               layers: Sequence[str] | None = None) -> dict[str, jax.Array]:
+    """ImageNet VGG16 activations of [-1, 1] images, through LPIPS's scaling layer.
+
+    The scaling layer is ImageNet's mean/std normalization written for [-1, 1] inputs,
+    so these are the plain ImageNet VGG16 features: what PCL (`pcl_network='vgg16'`)
+    and the FD-VGG metric read, sharing LPIPS's weights instead of a second copy.
+
+    Args:
+      images: [B, H, W, 3] RGB in [-1, 1].
+      layers: `relu{b}_{c}` names (default: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3).
+
+    Returns:
+      {name: [B, H_l, W_l, C_l]} (see `vgg.VGG.__call__`).
+    """
+    return self.net(scale_input(images), layers=layers)
+
   def __call__(self, images_a: jax.Array, images_b: jax.Array) -> jax.Array:
     """Perceptual distance between two batches of images.
 
@@ -168,7 +185,7 @@ class LPIPS(nnx.Module):
       )
     batch = images_a.shape[0]
     # One pass over both batches: one set of convolutions to compile and run.
-    features = self.net(scale_input(jnp.concatenate([images_a, images_b], axis=0)))
+    features = self.features(jnp.concatenate([images_a, images_b], axis=0))
     features_a = [features[name][:batch] for name in LPIPS_LAYERS]
     features_b = [features[name][batch:] for name in LPIPS_LAYERS]
     return lpips_from_features(features_a, features_b, [head.weights for head in self.lins])
