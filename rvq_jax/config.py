@@ -76,11 +76,18 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   config.quantizer = quantizer_config()
   config.loss = ml_collections.ConfigDict(dict(
       l1_weight=1.0,
+      # argmax_match: L1 on the pixels of tokens whose code is the argmax code (method.md)
+      # | all: the whole image, decoded from the mixed (sampled) codes.
+      l1_region="argmax_match",
       perceptual_weight=1.0,  # LPIPS (weights.lpips)
-      # Reg-VQ's probabilistic contrastive loss (needs VGG-19 weights). A sum over sampled
-      # locations and 5 layers: ~10³ early on in the codebook study's probe (random VGG-19)
-      # against an L1 of ~1, so weigh it against l1_weight.
+      # Reg-VQ's probabilistic contrastive loss on relu1_2 ... relu5_3 of
+      # pcl_network: vgg16 (LPIPS's ImageNet VGG16, shared with LPIPS) | vgg19 (the
+      # paper's choice; needs weights.vgg19). pcl_reduction: mean (over active anchors
+      # and layers: one anchor's loss, on the L1's scale — this project's default) | sum
+      # (the paper's formula literally: O(10²–10³) with 256 locations).
       pcl_weight=0.0,
+      pcl_network="vgg16",
+      pcl_reduction="mean",
       pcl_tau=0.07,
       pcl_num_locations=256,
       pcl_eps=1e-6,
@@ -328,6 +335,13 @@ def _validate_tokenizer(config: ml_collections.ConfigDict, check, problems: list
         "(GroupNorm with 32 groups)")
   check(loss.disc_loss in ("hinge", "vanilla"),
         f"tokenizer.loss.disc_loss={loss.disc_loss!r}: 'hinge' or 'vanilla'")
+  check(loss.l1_region in ("argmax_match", "all"),
+        f"tokenizer.loss.l1_region={loss.l1_region!r}: 'argmax_match' or 'all'")
+  check(loss.pcl_network in ("vgg16", "vgg19"),
+        f"tokenizer.loss.pcl_network={loss.pcl_network!r}: 'vgg16' or 'vgg19' (needs "
+        "weights.vgg19)")
+  check(loss.pcl_reduction in ("mean", "sum"),
+        f"tokenizer.loss.pcl_reduction={loss.pcl_reduction!r}: 'mean' or 'sum'")
   if loss.representation_weight > 0 and not quantizer_problems:
     spec = quantizer_registry.get(quantizer.kind)
     check(spec.factorized, "tokenizer.loss.representation_weight > 0 needs a factorized "

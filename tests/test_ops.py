@@ -308,6 +308,27 @@ def test_pcl_equals_direct_evaluation_of_the_formula():
     np.testing.assert_allclose(float(got), want, rtol=2e-4)
 
 
+def test_pcl_mean_reduction_is_the_sum_over_the_number_of_active_anchors():
+  feat_x = np.asarray(jax.random.normal(jax.random.key(24), (3, 7, 5)), np.float64)
+  feat_y = np.asarray(jax.random.normal(jax.random.key(25), (3, 7, 5)), np.float64)
+  weights = np.asarray(jax.random.dirichlet(jax.random.key(26), jnp.ones(7), (3,)))
+  active = np.array(jax.random.bernoulli(jax.random.key(27), 0.5, (3, 7)))
+  active[2] = False  # An image with no active anchor adds nothing to either count.
+  got = ops.probabilistic_contrastive_loss(
+      jnp.asarray(feat_x, jnp.float32), jnp.asarray(feat_y, jnp.float32),
+      jnp.asarray(weights, jnp.float32), tau=0.2, eps=1e-3, active=jnp.asarray(active),
+      reduction="mean")
+  # _np_pcl divides the anchor sum by the batch size; undo that, divide by the anchors.
+  want = _np_pcl(feat_x, feat_y, weights, 0.2, 1e-3, active) * 3 / active.sum()
+  np.testing.assert_allclose(float(got), want, rtol=2e-4)
+  none_active = ops.probabilistic_contrastive_loss(
+      jnp.asarray(feat_x, jnp.float32), jnp.asarray(feat_y, jnp.float32),
+      jnp.asarray(weights, jnp.float32), active=jnp.zeros((3, 7), bool), reduction="mean")
+  assert float(none_active) == 0.0
+  with pytest.raises(ValueError, match="reduction must be"):
+    ops.probabilistic_contrastive_loss(feat_x, feat_y, weights, reduction="max")
+
+
 def test_pcl_gradient_is_finite_with_zero_weights_and_larger_weight_pulls_less():
   feat_x = jax.random.normal(jax.random.key(21), (1, 8, 4))
   feat_y = jax.random.normal(jax.random.key(22), (1, 8, 4))

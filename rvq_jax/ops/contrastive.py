@@ -42,6 +42,7 @@ def probabilistic_contrastive_loss(
     tau: float = 0.07,
     eps: float = 1e-6,
     active: jax.Array | None = None,
+    reduction: str = "sum",
 ) -> jax.Array:
   """PCL between features of the input and of its reconstruction at S sampled locations.
 
@@ -50,9 +51,12 @@ def probabilistic_contrastive_loss(
     L = −Σ_i log( (w_i+ε) e^{s_ii} / ((w_i+ε) e^{s_ii} + (1/S) Σ_{j≠i} e^{s_ij}) ),
 
   summed over the anchors i (all, or those in `active`) of each image and averaged over
-  the batch. Positives are the same location, negatives the other sampled locations of
-  the same image. A larger weight makes the positive term larger and so pulls *less*
-  (the elastic reconstruction of Reg-VQ). Evaluated with log-sum-exp, so it is finite
+  the batch (`reduction='sum'`, the paper's formula), or averaged over every anchor of
+  the batch that is in `active` (`reduction='mean'`: one anchor's term, O(1) whatever
+  the number of sampled locations; 0 when no anchor is active). Positives are the same
+  location, negatives the other sampled locations of the same image. A larger weight
+  makes the positive term larger and so pulls *less* (the elastic reconstruction of
+  Reg-VQ). Evaluated with log-sum-exp, so it is finite
   and has finite gradients for zero weights.
 
   Args:
@@ -63,6 +67,8 @@ def probabilistic_contrastive_loss(
     eps: added to every weight so that log(w) stays finite; must be > 0.
     active: optional [B, S] bool; anchors outside it add nothing (their locations still
       serve as negatives).
+    reduction: 'sum' (Σ over anchors, mean over images) or 'mean' (mean over the active
+      anchors of the whole batch).
 
   Returns:
     float32 scalar.
@@ -75,6 +81,8 @@ def probabilistic_contrastive_loss(
         f"weights must be [B, S] = {tuple(feat_x.shape[:2])}, got {tuple(weights.shape)}.")
   if active is not None and active.shape != weights.shape:
     raise ValueError(f"active must have shape {tuple(weights.shape)}, got {tuple(active.shape)}.")
+  if reduction not in ("sum", "mean"):
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}.")
   if isinstance(eps, numbers.Real) and eps <= 0:
     raise ValueError(f"eps must be > 0 to keep log(w + eps) finite, got {eps}.")
   num_locations = feat_x.shape[1]
@@ -90,6 +98,9 @@ def probabilistic_contrastive_loss(
       jnp.where(off_diagonal, similarity, -jnp.inf), axis=-1) - jnp.log(float(num_locations))
   log_weighted_positive = jnp.log(weights.astype(jnp.float32) + eps) + positive
   per_anchor = jnp.logaddexp(log_weighted_positive, log_negatives) - log_weighted_positive
-  if active is not None:
-    per_anchor = jnp.where(active, per_anchor, 0.0)
+  if active is None:
+    active = jnp.ones(per_anchor.shape, bool)
+  per_anchor = jnp.where(active, per_anchor, 0.0)
+  if reduction == "mean":
+    return jnp.sum(per_anchor) / jnp.maximum(jnp.sum(active.astype(jnp.float32)), 1.0)
   return jnp.mean(jnp.sum(per_anchor, axis=-1))

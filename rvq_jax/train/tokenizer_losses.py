@@ -56,8 +56,13 @@ def sample_locations(key: jax.Array, batch: int, height: int, width: int,
 def pcl_over_layers(key: jax.Array, features_x: Mapping[str, jax.Array],
                     features_y: Mapping[str, jax.Array], token_weights: jax.Array,
                     token_active: jax.Array, *, num_locations: int, tau: float,
-                    eps: float) -> jax.Array:
-  """Reg-VQ's PCL summed over VGG-19 layers.
+                    eps: float, reduction: str = "mean") -> jax.Array:
+  """Reg-VQ's PCL over the layers of a VGG (VGG16 by default, VGG-19 in the paper).
+
+  `reduction='mean'` (the default, a decision of this project) averages over the active
+  anchors and over the layers, so the term is one anchor's InfoNCE-style loss — a few
+  units — and `pcl_weight` lives on the scale of the L1. `'sum'` is the paper's formula
+  taken literally: summed over anchors and layers, O(10²–10³) with 256 locations.
 
   The token-grid weights and the active mask (tokens whose sample differs from the
   argmax) are carried to each feature map by nearest resizing; at the S sampled
@@ -86,8 +91,8 @@ def pcl_over_layers(key: jax.Array, features_x: Mapping[str, jax.Array],
     active = upsample_tokens(token_active, height, width).reshape(batch, -1)
     active = jnp.take_along_axis(active, locations, axis=1)
     total += ops.probabilistic_contrastive_loss(gather(fx), gather(fy), weights, tau=tau,
-                                                eps=eps, active=active)
-  return total
+                                                eps=eps, active=active, reduction=reduction)
+  return total / len(features_x) if reduction == "mean" else total
 
 
 def adaptive_gan_weight(reconstruction_grad: jax.Array, gan_grad: jax.Array, *,

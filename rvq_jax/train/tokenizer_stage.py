@@ -100,18 +100,22 @@ class FrozenNetworks(nnx.Module):
   def __init__(self, config: ml_collections.ConfigDict):
     loss, weights = config.tokenizer.loss, config.weights
     lpips, vgg19 = None, None
+    # LPIPS's VGG16 also serves PCL with pcl_network='vgg16' (one copy, one forward pass).
+    needs_vgg16 = loss.perceptual_weight > 0 or (loss.pcl_weight > 0
+                                                 and loss.pcl_network == "vgg16")
+    needs_vgg19 = loss.pcl_weight > 0 and loss.pcl_network == "vgg19"
     if weights.random:
-      lpips = lpips_lib.LPIPS(rngs=nnx.Rngs(1)) if loss.perceptual_weight > 0 else None
-      vgg19 = vgg.VGG19(rngs=nnx.Rngs(2)) if loss.pcl_weight > 0 else None
+      lpips = lpips_lib.LPIPS(rngs=nnx.Rngs(1)) if needs_vgg16 else None
+      vgg19 = vgg.VGG19(rngs=nnx.Rngs(2)) if needs_vgg19 else None
     else:
       lpips_path = _optional_weights(weights.lpips, "vgg16_lpips")
-      if loss.perceptual_weight > 0 or lpips_path:
+      if needs_vgg16 or lpips_path:
         # Without a file this raises the loader's error: the file and the command to make it.
         lpips = lpips_lib.load_lpips(lpips_path or (weights.lpips or None))
       else:
         logging.info("No LPIPS weights (config weights.lpips or $RVQ_JAX_WEIGHTS_DIR): "
                      "evaluation reports no LPIPS.")
-      if loss.pcl_weight > 0:
+      if needs_vgg19:
         vgg19 = vgg.load_vgg19(_optional_weights(weights.vgg19, "vgg19")
                                or (weights.vgg19 or None))
     teacher = None
@@ -177,19 +181,32 @@ class TokenizerStage:
                              key):
     loss_config = self.config.tokenizer.loss
     aux = quantizer_output.aux
-    terms = {"l1": losses_lib.masked_l1(images, reconstructions, aux["deterministic_region"])}
+    deterministic = aux["deterministic_region"]
+    # 'all': the whole image decoded from the mixed codes; 'argmax_match': only the
+    # pixels of tokens whose code is the argmax code (method.md's reading).
+    l1_region = jnp.ones_like(deterministic) if loss_config.l1_region == "all" else deterministic
+    terms = {"l1": losses_lib.masked_l1(images, reconstructions, l1_region)}
     total = loss_config.l1_weight * terms["l1"]
+    use_pcl = loss_config.pcl_weight > 0
+    features_x = features_y = None
+    if loss_config.perceptual_weight > 0 or (use_pcl and loss_config.pcl_network == "vgg16"):
+      # One VGG16 pass over inputs and reconstructions feeds both LPIPS and PCL.
+      batch = images.shape[0]
+      both = frozen.lpips.features(jnp.concatenate([images, reconstructions]),
+                                   layers=vgg.PERCEPTUAL_LAYERS)
+      features_x = {name: jax.lax.stop_gradient(f[:batch]) for name, f in both.items()}
+      features_y = {name: f[batch:] for name, f in both.items()}
     if loss_config.perceptual_weight > 0:
-      terms["lpips"] = jnp.mean(frozen.lpips(images, reconstructions))
+      terms["lpips"] = jnp.mean(frozen.lpips.distance_from_features(features_x, features_y))
       total += loss_config.perceptual_weight * terms["lpips"]
-    if loss_config.pcl_weight > 0:
-      layers = vgg.PERCEPTUAL_LAYERS
-      features_x = jax.lax.stop_gradient(frozen.vgg19(images, layers=layers))
-      features_y = frozen.vgg19(reconstructions, layers=layers)
+    if use_pcl:
+      if loss_config.pcl_network == "vgg19":
+        features_x = jax.lax.stop_gradient(frozen.vgg19(images, layers=vgg.PERCEPTUAL_LAYERS))
+        features_y = frozen.vgg19(reconstructions, layers=vgg.PERCEPTUAL_LAYERS)
       terms["pcl"] = losses_lib.pcl_over_layers(
-          key, features_x, features_y, aux["pcl_weights"], ~aux["deterministic_region"],
+          key, features_x, features_y, aux["pcl_weights"], ~deterministic,
           num_locations=loss_config.pcl_num_locations, tau=loss_config.pcl_tau,
-          eps=loss_config.pcl_eps)
+          eps=loss_config.pcl_eps, reduction=loss_config.pcl_reduction)
       total += loss_config.pcl_weight * terms["pcl"]
     if loss_config.representation_weight > 0:
       subcode = model.subcode(quantizer_output.quantized, loss_config.representation_branch)

@@ -19,6 +19,7 @@ read as data only: see `rvq_jax.models.pretrained.lpips_package`).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from collections.abc import Sequence
 
 import jax
@@ -186,9 +187,23 @@ class LPIPS(nnx.Module):
     batch = images_a.shape[0]
     # One pass over both batches: one set of convolutions to compile and run.
     features = self.features(jnp.concatenate([images_a, images_b], axis=0))
-    features_a = [features[name][:batch] for name in LPIPS_LAYERS]
-    features_b = [features[name][batch:] for name in LPIPS_LAYERS]
-    return lpips_from_features(features_a, features_b, [head.weights for head in self.lins])
+    return self.distance_from_features(
+        {name: f[:batch] for name, f in features.items()},
+        {name: f[batch:] for name, f in features.items()})
+
+  def distance_from_features(self, features_a: Mapping[str, jax.Array],
+                             features_b: Mapping[str, jax.Array]) -> jax.Array:
+    """LPIPS from `features` outputs already computed (shared with another loss).
+
+    Args:
+      features_a, features_b: {relu1_2, ..., relu5_3: [B, H_l, W_l, C_l]}.
+
+    Returns:
+      [B] float32 distances.
+    """
+    return lpips_from_features([features_a[name] for name in LPIPS_LAYERS],
+                               [features_b[name] for name in LPIPS_LAYERS],
+                               [head.weights for head in self.lins])
 
 
 def load_lpips(path: str | None = None, **kwargs) -> LPIPS:
