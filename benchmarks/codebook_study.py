@@ -196,8 +196,12 @@ def build_config(run: Run, args: argparse.Namespace, *, lpips: bool, vgg19: bool
   tokenizer.loss.update(perceptual_weight=1.0 if lpips else 0.0,
                         disc_start=args.steps + 1 if not args.gan else tokenizer.loss.disc_start)
   tokenizer.loss.update(dict(run.loss))
-  if run.needs_vgg19 and not vgg19:
-    config.weights.random = True
+  if run.needs_vgg19:
+    # The recorded study's PCL rung: VGG-19 features and the paper's summed formula
+    # (before VGG16 and the mean reduction became the defaults; see regvq_study for new runs).
+    tokenizer.loss.update(pcl_network="vgg19", pcl_reduction="sum")
+    if not vgg19:
+      config.weights.random = True
   # Checkpoint only at the end (the loop always saves the last step), no image summaries.
   tokenizer.train.update(batch_size=args.batch_size, num_steps=args.steps,
                          log_every=args.eval_every, checkpoint_every=args.steps + 1,
