@@ -45,3 +45,25 @@ def test_class_names_for_captions():
   assert factory.class_names({"source": "folder", "class_names": ["cat", "dog"]}) == (
       "cat", "dog")
   assert factory.class_names({"source": "embedded"}) is None
+
+
+def test_usage_statistics_match_hand_counts():
+  counts = np.array([6, 2, 0, 0])  # p = (3/4, 1/4): H = log 4 − (3/4) log 3
+  stats = reporting.usage_statistics(counts)
+  assert stats["usage"] == 0.5 and stats["dead_codes"] == 2
+  np.testing.assert_allclose(stats["perplexity"], np.exp(np.log(4) - 0.75 * np.log(3)))
+
+
+def test_usage_plot_is_a_labelled_chart_with_one_curve_per_book():
+  counts = np.zeros((2, 64))
+  counts[0, :10] = np.arange(10, 0, -1)
+  counts[1, :40] = 5
+  plot = reporting.codebook_usage_plot(counts, title="usage", width=480, height=240)
+  assert plot.shape == (240, 480, 3) and plot.dtype == np.uint8
+  # Two differently coloured curves (matplotlib's first two cycle colours) are drawn.
+  blue, orange = np.array([31, 119, 180]), np.array([255, 127, 14])
+  for colour in (blue, orange):
+    assert (np.abs(plot.astype(int) - colour).sum(-1) < 30).sum() > 20
+  # Different counts give a different chart (the curves follow the data).
+  other = reporting.codebook_usage_plot(counts[::-1], title="usage", width=480, height=240)
+  assert not np.array_equal(plot, other)

@@ -105,22 +105,60 @@ def _draw_text(grid: np.ndarray, texts: Sequence[tuple[int, int, str]]) -> np.nd
   return out[..., None] if gray else out
 
 
-def histogram_image(counts: np.ndarray, height: int = 128, max_width: int = 1024) -> np.ndarray:
-  """A bar chart of code counts ([K]) as a [height, ≤max_width, 3] uint8 image.
+def usage_statistics(counts: np.ndarray) -> dict[str, float]:
+  """Usage (fraction of codes with a count > 0), perplexity exp H(p) and dead codes of [K]."""
+  counts = np.asarray(counts, np.float64)
+  probs = counts / max(counts.sum(), 1.0)
+  nonzero = probs[probs > 0]
+  return {"usage": float((counts > 0).mean()),
+          "perplexity": float(np.exp(-(nonzero * np.log(nonzero)).sum())),
+          "dead_codes": float((counts == 0).sum())}
 
-  Codes are sorted by count so that the shape of the usage curve is visible at a glance;
-  codes beyond `max_width` are grouped into bins of equal size (their mean).
+
+def codebook_usage_plot(counts: np.ndarray, *, title: str = "Codebook usage",
+                        width: int = 720, height: int = 360) -> np.ndarray:
+  """A labelled chart of code counts as a [height, width, 3] uint8 image (matplotlib).
+
+  Codes are sorted by count (one curve per sub-codebook for factorized tokens), so the
+  shape of the usage curve — a few codes taking everything, or a flat book — shows at
+  a glance; the y axis is symmetric-log so unused codes (0) sit on the axis. The legend
+  gives each book's usage, perplexity exp H(p) and dead codes.
+
+  Args:
+    counts: [K] or [M, K] token counts per code.
+    title: the chart's title (e.g. the stage, the step and what was counted).
   """
-  counts = np.sort(np.asarray(counts, np.float64))[::-1]
-  bins = int(math.ceil(len(counts) / max_width))
-  padded = np.pad(counts, (0, (-len(counts)) % bins))
-  bars = padded.reshape(-1, bins).mean(-1)
-  scale = bars.max() if bars.max() > 0 else 1.0
-  heights = np.round(bars / scale * (height - 1)).astype(int)
-  image = np.full((height, len(bars), 3), 255, np.uint8)
-  for column, bar in enumerate(heights):
-    if bar > 0:
-      image[height - bar:, column] = (40, 90, 200)
+  # Agg: no display; imported here so the library does not pay for matplotlib otherwise.
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg", force=False)
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  counts = np.atleast_2d(np.asarray(counts, np.float64))
+  num_codes = counts.shape[1]
+  dpi = 100
+  figure, axes = plt.subplots(figsize=(width / dpi, height / dpi), dpi=dpi)
+  try:
+    ranks = np.arange(1, num_codes + 1)
+    for book, book_counts in enumerate(counts):
+      stats = usage_statistics(book_counts)
+      label = (f"usage {100 * stats['usage']:.1f}% · perplexity {stats['perplexity']:.1f}"
+               f" · dead {int(stats['dead_codes'])}/{num_codes}")
+      if len(counts) > 1:
+        label = f"book {book}: {label}"
+      axes.step(ranks, np.sort(book_counts)[::-1], where="mid", label=label)
+    axes.set_yscale("symlog", linthresh=1.0)
+    axes.set_xlim(1, num_codes)
+    axes.set_ylim(bottom=0)
+    axes.set_xlabel(f"code rank (by count, K = {num_codes})")
+    axes.set_ylabel("tokens")
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="upper right", fontsize=8)
+    figure.tight_layout()
+    figure.canvas.draw()
+    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+  finally:
+    plt.close(figure)
   return image
 
 

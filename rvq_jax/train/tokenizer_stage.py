@@ -368,14 +368,10 @@ class TokenizerStage:
         # Of the reconstructions, all eval examples as one split (see fid_lib).
         metrics["inception_score"] = fid_lib.inception_score_from_sums(
             inception["inception_score"])
-    usage, perplexity = [], []
-    for counts in code_counts:
-      probs = counts / max(counts.sum(), 1.0)
-      nonzero = probs[probs > 0]
-      usage.append(float((counts > 0).mean()))
-      perplexity.append(float(np.exp(-(nonzero * np.log(nonzero)).sum())))
-    metrics.update(usage=float(np.mean(usage)), perplexity=float(np.mean(perplexity)),
-                   dead_codes=float(np.mean([(c == 0).sum() for c in code_counts])))
+    # Factorized tokens: the mean over the M sub-codebooks.
+    per_book = [reporting.usage_statistics(counts) for counts in code_counts]
+    metrics.update({name: float(np.mean([stats[name] for stats in per_book]))
+                    for name in ("usage", "perplexity", "dead_codes")})
     return metrics
 
   def summarize(self, container: TokenizerTrainState, constants, batch, step) -> dict:
@@ -386,10 +382,12 @@ class TokenizerStage:
     grid = reporting.image_grid(reporting.to_uint8(pair), columns=len(images),
                                 row_labels=("input", "reconstruction"))
     indices = reporting.to_host(indices)
-    # Factorized tokens [B, h, w, M]: the histogram of the first sub-codebook.
-    counts = np.bincount(indices.reshape(-1) if indices.ndim < 4 else indices[..., 0].ravel(),
-                         minlength=self.num_codes)
-    return {"reconstructions": grid, "codebook_usage": reporting.histogram_image(counts)}
+    # Factorized tokens [B, h, w, M]: one curve per sub-codebook.
+    books = indices.reshape(-1, 1) if indices.ndim < 4 else indices.reshape(-1, indices.shape[-1])
+    counts = np.stack([np.bincount(book, minlength=self.num_codes) for book in books.T])
+    plot = reporting.codebook_usage_plot(
+        counts, title=f"Codebook usage, step {step}: {len(images)} summary images")
+    return {"reconstructions": grid, "codebook_usage": plot}
 
 
 @nnx.jit
