@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -63,6 +62,7 @@ from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
 
+from benchmarks import common
 from rvq_jax import config as config_lib
 from rvq_jax.models import pretrained
 from rvq_jax.train import loop
@@ -168,12 +168,7 @@ def _weights_exist(network: str) -> bool:
 
 
 def _demo_config():
-  """configs/demo.py's config (loaded by path: configs/ is not a package)."""
-  spec = importlib.util.spec_from_file_location("_demo_config",
-                                                os.path.join(_REPO, "configs", "demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return common.load_config("demo")
 
 
 def build_config(run: Run, args: argparse.Namespace, *, lpips: bool, vgg19: bool):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import subprocess
@@ -86,3 +87,12 @@ def environment(**extra_packages: str) -> dict[str, Any]:
       "jax_default_prng_impl": str(jax.config.jax_default_prng_impl),
       "git": _git_state(),
   }
+
+
+def load_config(name: str, arg: str | None = None):
+  """`configs/<name>.py`'s `get_config(arg)` (loaded by path: configs/ is not a package)."""
+  spec = importlib.util.spec_from_file_location(f"_config_{name}",
+                                                os.path.join(_REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
