@@ -20,7 +20,9 @@ import ml_collections
 
 from rvq_jax import parallel
 from rvq_jax.data import factory as data_factory
+from rvq_jax.models.tokenizer import discriminator as disc_lib
 from rvq_jax.models.tokenizer.quantizers import registry as quantizer_registry
+from rvq_jax.ops import diffusion as diffusion_ops
 
 # The stages main can run, in the order a config runs them.
 STAGES = ("tokenizer", "ar", "diffusion")
@@ -104,6 +106,10 @@ def tokenizer_config() -> ml_collections.ConfigDict:
       disc_loss="hinge",     # hinge | vanilla
       disc_layers=3,
       disc_channels=64,
+      # group (per-sample statistics) | batch (taming's BatchNorm: each call's own batch
+      # statistics, no running averages) | none. See models/tokenizer/discriminator.py.
+      disc_norm="group",
+      disc_init="default",   # default (Flax's) | taming (weights_init: N(0, 0.02) convs)
   ))
   config.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-4,
@@ -149,6 +155,9 @@ def prior_config(kind: str) -> ml_collections.ConfigDict:
     prior.loss.aux_weight = 5e-4       # VQ-Diffusion's auxiliary x0 loss weight
     prior.sample.num_steps = 0         # 0 = T; fewer = strided fast sampling
     prior.sample.truncation_rate = 1.0  # keep the top-r probability mass (0.86 released)
+    # How a strided step draws x_s: 'exact' multi-step posterior, or 'released' (the
+    # released sample_fast's one-step posterior of step s+1; see ops.log_strided_posterior).
+    prior.sample.skip_rule = "exact"
   else:
     raise ValueError(f"unknown prior {kind!r}: choose from {PRIOR_STAGES}")
   return prior
@@ -342,6 +351,12 @@ def _validate_tokenizer(config: ml_collections.ConfigDict, check, problems: list
         "weights.vgg19)")
   check(loss.pcl_reduction in ("mean", "sum"),
         f"tokenizer.loss.pcl_reduction={loss.pcl_reduction!r}: 'mean' or 'sum'")
+  check(loss.disc_norm in disc_lib.DISCRIMINATOR_NORMS,
+        f"tokenizer.loss.disc_norm={loss.disc_norm!r}: choose from "
+        f"{disc_lib.DISCRIMINATOR_NORMS}")
+  check(loss.disc_init in disc_lib.DISCRIMINATOR_INITS,
+        f"tokenizer.loss.disc_init={loss.disc_init!r}: choose from "
+        f"{disc_lib.DISCRIMINATOR_INITS}")
   if loss.representation_weight > 0 and not quantizer_problems:
     spec = quantizer_registry.get(quantizer.kind)
     check(spec.factorized, "tokenizer.loss.representation_weight > 0 needs a factorized "
@@ -396,6 +411,9 @@ def _validate_priors(config: ml_collections.ConfigDict, check) -> None:
         f"diffusion.model.num_timesteps={timesteps}] (0 = all)")
   check(0.0 < diffusion.sample.truncation_rate <= 1.0,
         "diffusion.sample.truncation_rate must lie in (0, 1]")
+  check(diffusion.sample.skip_rule in diffusion_ops.SKIP_RULES,
+        f"diffusion.sample.skip_rule={diffusion.sample.skip_rule!r}: choose from "
+        f"{diffusion_ops.SKIP_RULES}")
 
 
 def check_batch_divides(config: ml_collections.ConfigDict, num_devices: int,

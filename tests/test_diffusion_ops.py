@@ -172,6 +172,79 @@ def test_true_posterior_is_consistent_with_x_t_and_model_posterior_at_t0_is_p_x0
   np.testing.assert_allclose(np.exp(got[..., :K]), np.exp(log_p), atol=1e-5)
 
 
+def _released_q_posterior(log_x0, x_t, u, num_timesteps, vocab):
+  """VQ-Diffusion's released `q_posterior(log_x_start, log_x_t, t=u)` in float64 NumPy.
+
+  An independent reading of microsoft/VQ-Diffusion's diffusion_transformer.py (l. 53-66
+  `alpha_schedule`, l. 177-210 `q_pred_one_timestep`/`q_pred`, l. 235-267
+  `q_posterior`), class axis last: log_x0 [N, K] log p(x_0), x_t [N] ints in [0, K],
+  u in [0, T) → [N, K+1] log-probabilities over x_{u−1}.
+  """
+  steps = np.arange(num_timesteps) / (num_timesteps - 1)
+  cum_a = 0.99999 + steps * (9e-6 - 0.99999)
+  cum_c = 9e-6 + steps * (0.99999 - 9e-6)
+  a = cum_a / np.concatenate([[1.0], cum_a[:-1]])
+  c = 1 - (1 - cum_c) / (1 - np.concatenate([[0.0], cum_c[:-1]]))
+  b = (1 - a - c) / vocab
+  # Index T of the cumulative tables is "no noise": q_pred(·, −1) wraps around to it.
+  cum_a, cum_c = np.append(cum_a, 1.0), np.append(cum_c, 0.0)
+  cum_b = (1 - cum_a - cum_c) / vocab
+  with np.errstate(divide="ignore"):
+    log_cum_a, log_cum_b, log_cum_c = np.log(cum_a), np.log(cum_b), np.log(cum_c)
+  log_1m_cum_c = np.log(1 - cum_c)
+  log_zero = np.log(1e-30)
+
+  def mix(log_x, keep, replace, mask, unmasked):
+    return np.concatenate([np.logaddexp(log_x[:, :-1] + keep, replace),
+                           np.logaddexp(log_x[:, -1:] + unmasked, mask)], axis=1)
+
+  def q_pred(log_x, v):  # q(x_v | x), cumulative
+    v = v % (num_timesteps + 1)
+    return mix(log_x, log_cum_a[v], log_cum_b[v], log_cum_c[v], log_1m_cum_c[v])
+
+  log_x_t = np.log(np.maximum(np.eye(vocab + 1)[x_t], 1e-30))
+  is_mask = (x_t == vocab)[:, None]
+  log_qt = np.where(is_mask, log_cum_c[u], q_pred(log_x_t, u)[:, :-1])
+  one_step = mix(log_x_t, np.log(a[u]), np.log(b[u]), np.log(c[u]), np.log(1 - c[u]))
+  one_step = np.concatenate([one_step[:, :-1], np.full((len(x_t), 1), log_zero)], axis=1)
+  one_step = np.where(is_mask, np.append(np.full(vocab, np.log(c[u])), 0.0), one_step)
+  q = np.concatenate([log_x0 - log_qt, np.full((len(x_t), 1), log_zero)], axis=1)
+  q_norm = np.logaddexp.reduce(q, axis=1, keepdims=True)
+  return np.clip(q_pred(q - q_norm, u - 1) + one_step + q_norm, -70, 0)
+
+
+def test_strided_posterior_rules_coincide_without_a_skip_and_released_is_the_released_formula():
+  schedule = ops.make_schedule(T, K)
+  # One row per value of x_t (every code and [MASK]), each with its own p(x0).
+  p_x0 = np.asarray(jax.random.dirichlet(jax.random.key(4), jnp.ones(K), (K + 1,)),
+                    np.float64)
+  log_p = jnp.log(jnp.asarray(p_x0, jnp.float32))[None]  # [1, K+1, K]
+  x_t = jnp.arange(K + 1)[None]
+  step = jax.jit(ops.log_strided_posterior, static_argnames="rule")
+  for t in range(T):  # No skip: the same function, and the released formula.
+    t_, s_ = jnp.array([t]), jnp.array([t - 1])
+    exact = step(log_p, x_t, t_, s_, schedule, rule="exact")
+    np.testing.assert_array_equal(step(log_p, x_t, t_, s_, schedule, rule="released"), exact)
+    np.testing.assert_allclose(np.exp(exact[0]), np.exp(_released_q_posterior(
+        np.log(p_x0), np.arange(K + 1), t, T, K)), rtol=1e-4, atol=1e-6, err_msg=f"{t=}")
+  cum_c = np.exp(np.float64(schedule.log_cum_c))
+  for t, s in ((9, 4), (7, 3), (5, 1), (2, 0), (5, -1)):  # Skips: the formula at s + 1.
+    t_, s_ = jnp.array([t]), jnp.array([s])
+    released = np.exp(np.float64(step(log_p, x_t, t_, s_, schedule, rule="released")[0]))
+    exact = np.exp(np.float64(step(log_p, x_t, t_, s_, schedule, rule="exact")[0]))
+    want = np.exp(_released_q_posterior(np.log(p_x0), np.arange(K + 1), s + 1, T, K))
+    np.testing.assert_allclose(released, want, rtol=1e-4, atol=1e-6, err_msg=f"{t=} {s=}")
+    if s >= 0:  # A jump to x_0 (s = −1) draws from p(x_0) under either rule.
+      assert np.abs(released - exact).max() > 1e-2, (t, s)
+    # A [MASK] stays [MASK] with γ̄_s/γ̄_{s+1} (released) against γ̄_s/γ̄_t (exact).
+    stay = cum_c[s] if s >= 0 else 0.0
+    np.testing.assert_allclose(released[K, K], stay / cum_c[s + 1], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(exact[K, K], stay / cum_c[t], rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match=r"skip rule must be one of \('exact', 'released'\)"):
+    ops.log_strided_posterior(log_p, x_t, jnp.array([3]), jnp.array([1]), schedule,
+                              rule="ddim")
+
+
 def test_sub_token_channels_broadcast_the_timestep():
   """[B, L, M] with t [B] equals the same tokens flattened to [B, L·M]."""
   schedule = ops.make_schedule(T, K)

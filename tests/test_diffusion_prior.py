@@ -7,6 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
+from rvq_jax import config as config_lib
 from rvq_jax import parallel
 from rvq_jax.models.priors.diffusion import DiffusionLossHistory
 from rvq_jax.models.priors.diffusion import DiffusionPrior
@@ -122,6 +123,43 @@ def test_sampling_returns_codes_without_mask(condition, num_subtokens, options):
   assert int(samples.min()) >= 0 and int(samples.max()) < K  # K would be [MASK]
 
 
+def test_both_skip_rules_sample_and_each_compiles_once(monkeypatch):
+  """Strided sampling under 'exact' and 'released': one trace per rule, none on repeats;
+  with all T steps the rules coincide and share the 'exact' program."""
+  prior = _prior(depth=1)
+  traces = []
+  trace = DiffusionPrior._sample_impl
+
+  def counting(self, *args, **options):
+    traces.append((options["num_steps"], options["skip_rule"]))
+    return trace(self, *args, **options)
+
+  monkeypatch.setattr(DiffusionPrior, "_sample_impl", counting)
+  key, samples = jax.random.key(4), {}
+  for rule in ("exact", "released", "exact", "released"):
+    samples[rule] = prior.sample(key, num_samples=3, num_steps=4, skip_rule=rule)
+    assert samples[rule].shape == (3, L)
+    assert int(samples[rule].min()) >= 0 and int(samples[rule].max()) < K
+  assert traces == [(4, "exact"), (4, "released")]
+  assert not np.array_equal(samples["exact"], samples["released"])
+  # All T steps: nothing is skipped, so 'released' runs the 'exact' program.
+  compiled = []
+  monkeypatch.setattr("rvq_jax.models.priors.base._sample_jit",
+                      lambda *args, options, **kwargs: compiled.append(dict(options)))
+  prior.sample(key, num_samples=3, skip_rule="released")
+  assert compiled[0]["num_steps"] == T and compiled[0]["skip_rule"] == "exact"
+
+
+def test_skip_rule_config_is_validated():
+  config = config_lib.base_config()
+  config_lib.validate(config)
+  assert config.diffusion.sample.skip_rule == "exact"
+  config.diffusion.sample.skip_rule = "fast"
+  with pytest.raises(ValueError, match=r"diffusion.sample.skip_rule='fast': choose from "
+                                       r"\('exact', 'released'\)"):
+    config_lib.validate(config)
+
+
 def test_negative_elbo_estimate_is_unbiased_for_the_exact_sum():
   prior = _prior()
   tokens = jnp.tile(_tokens(1, key=3), (256, 1))  # one sequence, many estimates
@@ -184,6 +222,8 @@ def test_bad_arguments_fail_early_with_clear_messages(monkeypatch):
       prior.sample(jax.random.key(0), cond, num_samples=2, truncation_rate=rate)
   with pytest.raises(ValueError, match="temperature must be > 0"):
     prior.sample(jax.random.key(0), cond, num_samples=2, temperature=0.0)
+  with pytest.raises(ValueError, match=r"skip_rule must be one of \('exact', 'released'\)"):
+    prior.sample(jax.random.key(0), cond, num_samples=2, num_steps=4, skip_rule="ddim")
   with pytest.raises(ValueError, match=r"condition 'class' must be \[B\]"):
     prior.sample(jax.random.key(0), jnp.arange(3), num_samples=2)
   with pytest.raises(ValueError, match="needs a class or semantic condition"):

@@ -73,6 +73,44 @@ def test_one_sharded_step_equals_the_single_device_step(tmp_path):
   assert agree > 0.995, agree
 
 
+def _discriminator_params(config, workdir):
+  container, _, _, step = loop.load_trained(TokenizerStage(config),
+                                            loop.loop_config_from(config), workdir)
+  from flax import nnx
+  assert not jax.tree.leaves(nnx.state(container.discriminator, nnx.Not(nnx.Param)))
+  return step, jax.tree.map(np.asarray,
+                            nnx.to_pure_dict(nnx.state(container.discriminator, nnx.Param)))
+
+
+@pytest.mark.slow
+def test_batch_norm_discriminator_trains_sharded_like_single_device_and_resumes(tmp_path):
+  """tokenizer.loss.disc_norm='batch' with disc_init='taming', GAN from step 0: two steps
+  on mesh data=4, fsdp=2 match one device (D's batch statistics are the global batch's);
+  the checkpoint restores D (parameters only) and a resumed run trains on."""
+  def config(mesh_shape, num_steps=2):
+    config = tiny_config(num_steps=num_steps)
+    config.tokenizer.loss.update(perceptual_weight=0.0, pcl_weight=0.0, disc_norm="batch",
+                                 disc_init="taming")
+    config.mesh.shape = mesh_shape
+    config_lib.validate(config)
+    return config
+
+  single, sharded = str(tmp_path / "single"), str(tmp_path / "sharded")
+  _run(config((1, 1, 1)), single)
+  _run(config((4, 2, 1)), sharded)
+  a, b = _metrics(single), _metrics(sharded)
+  for name in ("train/loss", "train/d_loss", "train/gan_weight", "train/d_grad_norm",
+               "train/logits_real", "train/logits_fake", "train/grad_norm"):
+    np.testing.assert_allclose(b[name], a[name], rtol=2e-4, atol=1e-6, err_msg=name)
+  step, d_single = _discriminator_params(config((1, 1, 1)), single)
+  _, d_sharded = _discriminator_params(config((4, 2, 1)), sharded)
+  assert step == 2 and _fraction_close(d_single, d_sharded) > 0.995
+  _run(config((1, 1, 1), num_steps=3), single)  # resumes from step 2
+  step, d_resumed = _discriminator_params(config((1, 1, 1)), single)
+  assert step == 3 and np.isfinite(_metrics(single)["train/d_loss"])
+  assert _fraction_close(d_resumed, d_single) < 0.5  # D trained on
+
+
 class _SigtermAt(TokenizerStage):
   """The tokenizer stage whose data iterator delivers SIGTERM before batch `at`."""
 
@@ -162,6 +200,11 @@ def test_config_errors_are_reported_before_building_anything():
   config.tokenizer.quantizer.regvq.mask_ratio = 1.5
   with pytest.raises(ValueError, match=r"mask_ratio=1.5 must lie in \[0, 1\]"):
     config_lib.validate(config)
+  for key, value in (("disc_norm", "layer"), ("disc_init", "xavier")):
+    config = tiny_config()
+    config.tokenizer.loss[key] = value
+    with pytest.raises(ValueError, match=rf"tokenizer.loss.{key}='{value}': choose from"):
+      config_lib.validate(config)
   config = tiny_config()
   config.lock()  # As main's config flag does.
   with pytest.raises(AttributeError):

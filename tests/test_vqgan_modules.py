@@ -325,9 +325,119 @@ def test_discriminator_group_norm_logits_do_not_depend_on_the_rest_of_the_batch(
   assert not np.allclose(_call(batch, images)[:2], _call(batch, images[:2]), atol=1e-3)
 
 
+@nnx.jit
+def _discriminator_layers(model, x):
+  """D(x) layer by layer: ([(each norm's input, its standardized value before the affine
+  map, its output)], the logits), and D(x) itself."""
+  h = jax.nn.leaky_relu(model.conv_in(x), disc_lib.LEAKY_RELU_SLOPE)
+  norms = []
+  for block in model.blocks:
+    pre = block.conv(h)
+    out = block.norm(pre)
+    norms.append((pre, block.norm.standardize(pre), out))
+    h = jax.nn.leaky_relu(out, disc_lib.LEAKY_RELU_SLOPE)
+  return norms, model.conv_out(h), model(x)
+
+
+def test_batch_norm_discriminator_normalizes_every_call_with_its_own_batch():
+  """taming's train-mode BatchNorm2d: real and fake batches, called separately, are
+  each standardized per channel (mean 0, biased variance 1 over B, H, W) with their own
+  statistics, before the affine map; D's state is its parameters alone."""
+  model = nnx.jit(lambda: disc_lib.NLayerDiscriminator(
+      ndf=32, n_layers=2, norm="batch", init="taming", rngs=nnx.Rngs(0)))()
+  assert not jax.tree.leaves(nnx.state(model, nnx.Not(nnx.Param)))  # no running stats
+  real = _normal(21, (4, 16, 16, 3))
+  fake = 3.0 * _normal(22, (4, 16, 16, 3)) + 2.0  # other statistics
+  for images in (real, fake):
+    norms, logits, called = _discriminator_layers(model, images)
+    np.testing.assert_allclose(logits, called, rtol=1e-5, atol=1e-5)
+    for block, (pre, z, out) in zip(model.blocks, norms):
+      pre, z = np.asarray(pre, np.float64), np.asarray(z, np.float64)
+      np.testing.assert_allclose(z.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
+      # σ²/(σ² + ε) with PyTorch's ε = 1e-5: N(0, 0.02) weights keep σ² small.
+      var = pre.var(axis=(0, 1, 2))
+      np.testing.assert_allclose(z.var(axis=(0, 1, 2)), var / (var + 1e-5), rtol=1e-4)
+      assert (z.var(axis=(0, 1, 2)) > 0.95).all()
+      np.testing.assert_allclose(out, z * block.norm.scale[...] + block.norm.bias[...],
+                                 rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_discriminator_uses_global_batch_statistics_when_sharded():
+  """Real and fake, each split over 8 devices: the same logits as on one device."""
+  model = disc_lib.NLayerDiscriminator(ndf=32, n_layers=2, norm="batch", rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  apply = jax.jit(lambda params, real, fake: (nnx.merge(graphdef, params)(real),
+                                              nnx.merge(graphdef, params)(fake)))
+  real, fake = _normal(23, (8, 16, 16, 3)), 2.0 * _normal(24, (8, 16, 16, 3)) + 0.5
+  single = apply(params, real, fake)
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  batch = NamedSharding(mesh, P("data"))
+  sharded = apply(params, jax.device_put(real, batch), jax.device_put(fake, batch))
+  assert len(sharded[0].sharding.device_set) == 8
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               sharded, single)
+
+
+def _flat_params(module):
+  return {"/".join(map(str, path)): value[...]
+          for path, value in nnx.to_flat_state(nnx.state(module))}
+
+
+@jax.jit
+def _initialized_discriminators():
+  """(taming-size D with taming's init and BatchNorm, a small one with GroupNorm, the
+  small default D, and the default rebuilt layer by layer), as flat parameter dicts:
+  one compiled program, as initializing op by op compiles every random op per shape."""
+  taming = disc_lib.NLayerDiscriminator(ndf=64, n_layers=3, norm="batch", init="taming",
+                                        rngs=nnx.Rngs(1))
+  group = disc_lib.NLayerDiscriminator(ndf=32, n_layers=2, init="taming", rngs=nnx.Rngs(1))
+  default = disc_lib.NLayerDiscriminator(ndf=32, n_layers=2, rngs=nnx.Rngs(0))
+  # What the defaults built before the options existed: taming's layout from
+  # vqgan.conv/group_norm with Flax's initializers, drawn in the same order.
+  rngs = nnx.Rngs(0)
+  kw = dict(padding=1, rngs=rngs)
+  layers = {"conv_in": vqgan.conv(3, 32, 4, stride=2, **kw)}
+  for n, (cin, cout, stride) in enumerate(((32, 64, 2), (64, 128, 1))):
+    layers[f"blocks/{n}/conv"] = vqgan.conv(cin, cout, 4, stride=stride, use_bias=False, **kw)
+    layers[f"blocks/{n}/norm"] = vqgan.group_norm(cout, epsilon=1e-5, rngs=rngs)
+  layers["conv_out"] = vqgan.conv(128, 1, 4, stride=1, **kw)
+  reference = {f"{prefix}/{path}": value for prefix, layer in layers.items()
+               for path, value in _flat_params(layer).items()}
+  return _flat_params(taming), _flat_params(group), _flat_params(default), reference
+
+
+def test_taming_init_has_taming_statistics_and_the_default_is_unchanged():
+  taming, group, default, reference = jax.tree.map(
+      lambda x: np.asarray(x, np.float64), _initialized_discriminators())
+  # taming's own size (ndf 64, 3 layers): the last stride-2 conv has 4·4·256·512 weights.
+  kernel = taming["blocks/2/conv/kernel"]
+  assert kernel.size == 2**21
+  # Standard errors: 0.02/√n for the mean, about 0.02/√(2n) for the std.
+  assert abs(kernel.mean()) < 5 * 0.02 / np.sqrt(kernel.size)
+  assert abs(kernel.std() / 0.02 - 1.0) < 5 / np.sqrt(2 * kernel.size)
+  for name in ("conv_in", "conv_out", "blocks/0/conv"):
+    assert abs(taming[f"{name}/kernel"].std() / 0.02 - 1.0) < 0.1, name
+  scales = np.concatenate([taming[f"blocks/{n}/norm/scale"] for n in range(3)])
+  assert abs(scales.mean() - 1.0) < 5 * 0.02 / np.sqrt(scales.size)
+  assert abs(scales.std() / 0.02 - 1.0) < 5 / np.sqrt(2 * scales.size)
+  assert not any(np.any(taming[f"blocks/{n}/norm/bias"]) for n in range(3))
+  # Conv biases keep PyTorch's U(±1/√fan_in), which taming's weights_init leaves alone.
+  bias, bound = np.abs(taming["conv_in/bias"]), 1 / np.sqrt(3 * 16)
+  assert bias.max() <= bound and bias.max() > bound / 2
+  assert abs(group["blocks/1/norm/scale"].std() / 0.02 - 1.0) < 0.5
+  assert not np.any(group["blocks/1/norm/bias"])
+
+  # The defaults (norm='group', init='default'): the same parameters as before.
+  assert default.keys() == reference.keys()
+  for name, value in default.items():
+    np.testing.assert_array_equal(value, reference[name], err_msg=name)
+
+
 def test_discriminator_bad_config_raises():
   with pytest.raises(ValueError, match="norm must be one of"):
     disc_lib.NLayerDiscriminator(norm="actnorm", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"init must be one of \('default', 'taming'\)"):
+    disc_lib.NLayerDiscriminator(init="xavier", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="divisible by num_groups=32"):
     disc_lib.NLayerDiscriminator(ndf=8, norm="group", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="too small"):

@@ -18,6 +18,7 @@ from rvq_jax.ops.diffusion import DiffusionSchedule
 from rvq_jax.ops.diffusion import log_q_posterior
 from rvq_jax.ops.diffusion import log_q_xt_given_x0
 from rvq_jax.ops.diffusion import log_q_xt_given_xtm1
+from rvq_jax.ops.diffusion import log_strided_posterior
 from rvq_jax.ops.diffusion import make_schedule
 from rvq_jax.ops.diffusion import q_sample
 from rvq_jax.ops.diffusion import sample_timesteps
@@ -50,6 +51,7 @@ __all__ = [
     "log_q_posterior",
     "log_q_xt_given_x0",
     "log_q_xt_given_xtm1",
+    "log_strided_posterior",
     "make_schedule",
     "q_sample",
     "sample_timesteps",

@@ -313,6 +313,61 @@ def log_q_posterior(log_x0: jax.Array, x_t: jax.Array, t, schedule: DiffusionSch
   return _clamp(log_marginal_s + log_lik + log_norm)
 
 
+SKIP_RULES = ("exact", "released")
+
+
+def log_strided_posterior(log_x0: jax.Array, x_t: jax.Array, t, s,
+                          schedule: DiffusionSchedule, *, rule: str = "exact") -> jax.Array:
+  """The model's reverse step x_t → x_s (s < t) of fast sampling, under a skip rule.
+
+  'exact' (default): the true (t−s)-step posterior q(x_s | x_t, p(x_0)) of
+  `log_q_posterior`, which accounts for every skipped step.
+  'released': VQ-Diffusion's released `sample_fast`: the ONE-step posterior of step
+  s+1 → s, evaluated as if the current tokens were x_{s+1}, i.e.
+  `log_q_posterior(log_x0, x_t, s + 1, schedule, s=s)`. It weighs p(x_0) by step s+1's
+  marginal q(x_{s+1}|x_0) instead of q(x_t|x_0), and uses a single step's transition
+  (keep a_{s+1}, mask c_{s+1}) for the likelihood of x_t instead of the t−s steps'
+  composition. A [MASK] token stays [MASK] with probability γ̄_s/γ̄_{s+1} instead of
+  γ̄_s/γ̄_t, so each strided step unmasks about one step's share of the tokens and the
+  rest are left for the final steps. With s = t − 1 (no step skipped) the two rules are
+  the same function.
+
+  Args:
+    log_x0: [..., K] or [..., K+1] log p(x_0 | x_t) (summing to 1).
+    x_t: [...] int tokens at time t, in [0, K].
+    t: timesteps in [0, T), shape a prefix of `x_t`'s axes.
+    s: target timesteps in [−1, t), same shape rules.
+    schedule: from `make_schedule`.
+    rule: one of `SKIP_RULES`.
+
+  Returns:
+    [..., K+1] log-probabilities of x_s.
+  """
+  # What the released code does (microsoft/VQ-Diffusion at d1d3948,
+  # image_synthesis/modeling/transformers/diffusion_transformer.py):
+  # * `sample_fast` (l. 620-684) visits t = T−1, T−2−skip_step, … (l. 664: stride
+  #   skip_step + 1) and appends t = 0 when the range misses it (l. 665-666). At each t the
+  #   network, told t, predicts p(x_0|x_t) (l. 671); then `q_posterior` is evaluated at
+  #   u = t − skip_step when t > skip_step, else at u = t (l. 672-675), and the result is
+  #   Gumbel-sampled (l. 677).
+  # * `q_posterior(p(x_0), x_t, u)` (l. 235-267) is the one-step posterior over x_{u−1}:
+  #   p(x_0) divided by q(x_t|x_0) at cumulative step u (l. 244-250; γ̄_u where x_t is
+  #   [MASK]), normalized (l. 262-265), pushed through the cumulative marginal at u − 1
+  #   (`q_pred`, l. 266), times the one-step likelihood q(x_t|x_{u−1}) with a_u, b_u, c_u
+  #   (`q_pred_one_timestep`, l. 253-258), log-normalizer added back, clamped (l. 267).
+  # The next visited step is t − skip_step − 1 = u − 1, so each strided step draws x_s
+  # from step u = s + 1's one-step posterior: that is the rule here, applied to our own
+  # timestep list (`sampling_timesteps`). The released tail differs: a visited t ≤
+  # skip_step (t > 0) uses u = t and lands on x_{t−1} although the next visited step is
+  # 0, which happens when (T−1) mod (skip_step+1) ≥ 2; with u = s + 1 we never do that.
+  if rule not in SKIP_RULES:
+    raise ValueError(f"skip rule must be one of {SKIP_RULES}, got {rule!r}.")
+  t, s = _check_t(t), _check_t(s)
+  if rule == "released":
+    t = s + 1
+  return log_q_posterior(log_x0, x_t, t, schedule, s=s)
+
+
 # ---------------------------------------------------------------- losses
 
 

@@ -44,7 +44,8 @@ class TokenizerTrainState(nnx.Module):
     self.model = build_tokenizer(config, rngs=rngs)
     loss = config.tokenizer.loss
     self.discriminator = NLayerDiscriminator(
-        in_channels=3, ndf=loss.disc_channels, n_layers=loss.disc_layers, rngs=rngs)
+        in_channels=3, ndf=loss.disc_channels, n_layers=loss.disc_layers,
+        norm=loss.disc_norm, init=loss.disc_init, rngs=rngs)
     g_tx, _ = make_optimizer(config.tokenizer.optim, config.tokenizer.optim.learning_rate)
     d_tx, _ = make_optimizer(config.tokenizer.optim, config.tokenizer.optim.disc_learning_rate)
     self.g_optimizer = nnx.Optimizer(self.model, g_tx, wrt=nnx.Param)

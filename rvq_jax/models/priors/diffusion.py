@@ -8,7 +8,8 @@ This module is the denoiser and the three things a training stage calls:
                  −log p(x_0|x_t) term, both divided by p(t) as the released code does.
   negative_elbo  an unbiased estimate of −ELBO (nats per sequence) for held-out NLL.
   sample         from all-[MASK], T or fewer (strided) reverse steps under `lax.scan`,
-                 with truncation, temperature and classifier-free guidance.
+                 with truncation, temperature and classifier-free guidance; a strided
+                 step follows `skip_rule` ('exact' posterior, or the 'released' code's).
 
 Denoiser (bidirectional, x_0-parameterization):
 
@@ -70,7 +71,8 @@ class DiffusionPrior(Prior):
   guidance) and `aux_weight` (the auxiliary x_0 loss's weight).
   """
 
-  SAMPLE_OPTIONS = ("num_steps", "truncation_rate", "temperature", "guidance_scale")
+  SAMPLE_OPTIONS = ("num_steps", "truncation_rate", "temperature", "guidance_scale",
+                    "skip_rule")
   PROGRESS_KEYS = ("loss", "vlb_bits", "aux", "accuracy", "grad_norm")
   LOSS_OPTIONS = ("aux_weight",)
   MODEL_OPTIONS = ("num_timesteps",)
@@ -260,10 +262,14 @@ class DiffusionPrior(Prior):
 
   def _checked_sample_options(self, *, num_steps: int | None = None,
                               truncation_rate: float = 1.0, temperature: float = 1.0,
-                              guidance_scale: float = 1.0) -> dict[str, Any]:
+                              guidance_scale: float = 1.0, skip_rule: str = "exact"
+                              ) -> dict[str, Any]:
     """Starts from all-[MASK] and runs `num_steps` reverse steps (None or 0: all T). With
     fewer steps the timesteps are evenly spaced from T−1 down to 0 and each step draws
-    from the exact strided posterior q(x_s|x_t, p(x_0|x_t)) to the next one; the last
+    x_s at the next one by `skip_rule` (`ops.log_strided_posterior`): 'exact' (default)
+    the strided posterior q(x_s|x_t, p(x_0|x_t)), 'released' VQ-Diffusion's released
+    `sample_fast`, the one-step posterior of step s+1 with x_t in place of x_{s+1}. With
+    all T steps the rules coincide and share one compile. The last
     step draws x_0 and never [MASK]. Per step, p(x_0|x_t) is guided (classifier-free,
     against the learned null condition, conditional and null rows in one batch), then
     tempered (log p / temperature, renormalized), then truncated to `truncation_rate` of
@@ -277,11 +283,16 @@ class DiffusionPrior(Prior):
       raise ValueError(f"truncation_rate must lie in (0, 1], got {truncation_rate}.")
     if not float(temperature) > 0.0:
       raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if skip_rule not in diffusion.SKIP_RULES:
+      raise ValueError(f"skip_rule must be one of {diffusion.SKIP_RULES}, got {skip_rule!r}.")
+    if steps == self.num_timesteps:
+      skip_rule = "exact"  # no step is skipped: the rules are the same function
     return dict(num_steps=steps, truncation_rate=float(truncation_rate),
-                temperature=float(temperature), guidance_scale=float(guidance_scale))
+                temperature=float(temperature), guidance_scale=float(guidance_scale),
+                skip_rule=skip_rule)
 
   def _sample_impl(self, key, condition, *, num_samples, num_steps, truncation_rate,
-                   temperature, guidance_scale):
+                   temperature, guidance_scale, skip_rule):
     n, vocab = num_samples, self.vocab_size
     schedule = self.schedule
     guided = guidance_scale != 1.0
@@ -299,8 +310,8 @@ class DiffusionPrior(Prior):
       if temperature != 1.0:
         log_p = jax.nn.log_softmax(log_p / temperature, axis=-1)
       log_p = ops.truncate(jnp.maximum(log_p, diffusion.LOG_ZERO), truncation_rate)
-      log_post = ops.log_q_posterior(log_p, x, jnp.full((n,), t), schedule,
-                                     s=jnp.full((n,), s))  # [n, L, M, K+1]
+      log_post = ops.log_strided_posterior(log_p, x, jnp.full((n,), t), jnp.full((n,), s),
+                                           schedule, rule=skip_rule)  # [n, L, M, K+1]
       # The last step lands on x_0, which is never [MASK].
       is_mask_class = jnp.arange(vocab + 1) == vocab
       log_post = jnp.where((s < 0) & is_mask_class, -jnp.inf, log_post)

@@ -12,23 +12,37 @@ Normalization (`norm`):
       sample's logit does not depend on which other samples share its batch. The result
       is then the same however the batch is split — across devices or hosts, into
       gradient-accumulation micro-batches, or whether real and fake images go through
-      D in one call or two — and there are no running statistics to keep, synchronise
-      or checkpoint, nor a train/eval difference. A sharded step equals the
-      single-device step by construction.
-  'batch'  BatchNorm, as taming. Under `jax.jit` with a sharded batch its statistics are
-      global (XLA inserts the reductions), so a sharded step still equals the
-      single-device step; but per-sample logits depend on the rest of the batch, a
-      gradient-accumulated step differs from the full-batch step, code using
-      `shard_map` must pass `axis_name`, and the running mean/variance (`nnx.BatchStat`)
-      are extra mutable state: training mode by default, use
-      `nnx.view(model, use_running_average=True)` to evaluate with running statistics.
+      D in one call or two — and there is no train/eval difference.
+  'batch'  taming's BatchNorm2d (`BatchStatNorm`): each channel is normalized with the
+      mean and (biased) variance of the batch D is called on, over batch, height and
+      width. taming's discriminator always runs in training mode and is called
+      separately on the real and the fake batch (and on the fakes alone for the
+      generator's loss), so every call normalizes with its own batch's statistics; the
+      tokenizer stage calls D the same way. No running averages are kept: in training
+      taming never reads them (only its logged validation losses do, in eval mode), and
+      nothing here runs D outside training, so they would be dead state — D's state is
+      its parameters alone, as with 'group', and checkpoints hold nothing more. Under
+      `jax.jit` with a data-parallel sharded batch the statistics are those of the
+      global batch (XLA inserts the cross-device reductions), so a sharded step equals
+      the single-device step; inside `jax.shard_map` pass `axis_name`. A sample's logit
+      depends on the rest of its batch, so a gradient-accumulated step would differ
+      from the full-batch one.
   'none'   no normalization; the convolutions then get biases.
 With a norm the convolutions before it have no bias (the norm's shift replaces it).
 
-Weights: variance scaling (LeCun normal, Flax's default), not taming's N(0, 0.02).
+Initialization (`init`):
+  'default'  Flax's: variance-scaling (LeCun normal) kernels, zero biases, unit norm
+      scales, zero norm biases.
+  'taming'   taming's `weights_init`, which it applies to every submodule by class name:
+      conv kernels N(0, 0.02), norm scales N(1, 0.02), norm biases 0. Conv biases (the
+      first and last conv, or every conv with norm='none') are left at PyTorch's default,
+      U(±1/√fan_in), which `weights_init` does not touch. taming only has BatchNorm (or
+      ActNorm); with norm='group' the GroupNorm gets the same N(1, 0.02) scales.
 Logical axis names as in `rvq_jax.models.tokenizer.vqgan` (conv names and 'norm').
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +53,9 @@ from rvq_jax.models.layers.dtypes import Dtype
 from rvq_jax.models.tokenizer import vqgan
 
 DISCRIMINATOR_NORMS = ("group", "batch", "none")
+DISCRIMINATOR_INITS = ("default", "taming")
+# taming's weights_init: N(0, 0.02) conv kernels, N(1, 0.02) norm scales.
+TAMING_INIT_STDDEV = 0.02
 LEAKY_RELU_SLOPE = 0.2
 # PyTorch's GroupNorm/BatchNorm default epsilon (taming's discriminator uses PyTorch's).
 DISCRIMINATOR_NORM_EPSILON = 1e-5
@@ -54,11 +71,52 @@ def patch_grid_size(size: int, n_layers: int) -> int:
   return size - 2  # the stride-1 layer and the output conv
 
 
+class BatchStatNorm(nnx.Module):
+  """PyTorch's BatchNorm2d in training mode, without running averages.
+
+  x [..., C] → (x − μ_c) / √(σ²_c + ε) · scale_c + bias_c, where μ_c and the biased σ²_c
+  are taken over every axis but the last, of the batch this call sees (see the module
+  docstring for why nothing else is kept). Statistics in float32, two-pass variance.
+  Global under `jax.jit` with a sharded batch; `axis_name` averages them over a
+  `shard_map`/`pmap` axis (equal-sized shards).
+  """
+
+  def __init__(self, num_features: int, *, epsilon: float = DISCRIMINATOR_NORM_EPSILON,
+               axis_name: str | None = None, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32):
+    self.epsilon = epsilon
+    self.axis_name = axis_name
+    self.dtype = dtype
+    self.scale = partitioning.param(jnp.ones((num_features,), param_dtype),
+                                    *partitioning.NORM_AXES)
+    self.bias = partitioning.param(jnp.zeros((num_features,), param_dtype),
+                                   *partitioning.NORM_AXES)
+
+  def standardize(self, x: jax.Array) -> jax.Array:
+    """The normalized activations before the affine map: [..., C] float32."""
+    x = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes)
+    if self.axis_name is not None:
+      mean = jax.lax.pmean(mean, self.axis_name)
+    centered = x - mean
+    var = jnp.mean(jnp.square(centered), axis=axes)
+    if self.axis_name is not None:
+      var = jax.lax.pmean(var, self.axis_name)
+    return centered * jax.lax.rsqrt(var + self.epsilon)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, C] (any rank, channels last) → same shape, in the compute dtype."""
+    y = self.standardize(x) * self.scale[...].astype(jnp.float32)
+    return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
 class _ConvNormBlock(nnx.Module):
   """conv4×4 → norm → LeakyReLU(0.2)."""
 
   def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str, *,
-               num_groups: int, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+               num_groups: int, axis_name: str | None, dtype: Dtype, param_dtype: Dtype,
+               rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.conv = vqgan.conv(in_channels, out_channels, 4, stride=stride, padding=1,
                            use_bias=norm == "none", **kw)
@@ -66,12 +124,8 @@ class _ConvNormBlock(nnx.Module):
       self.norm = vqgan.group_norm(out_channels, num_groups=num_groups,
                                    epsilon=DISCRIMINATOR_NORM_EPSILON, **kw)
     elif norm == "batch":
-      # Flax momentum 0.9 is PyTorch's momentum 0.1.
-      self.norm = nnx.BatchNorm(
-          out_channels, momentum=0.9, epsilon=DISCRIMINATOR_NORM_EPSILON,
-          use_fast_variance=False, **kw,
-          scale_metadata=partitioning.logical(*partitioning.NORM_AXES),
-          bias_metadata=partitioning.logical(*partitioning.NORM_AXES))
+      self.norm = BatchStatNorm(out_channels, axis_name=axis_name, dtype=dtype,
+                                param_dtype=param_dtype)
     else:
       self.norm = None
 
@@ -85,17 +139,22 @@ class _ConvNormBlock(nnx.Module):
 class NLayerDiscriminator(nnx.Module):
   """PatchGAN: images [B, H, W, in_channels] → logits [B, H', W', 1].
 
-  H' = patch_grid_size(H, n_layers) (30 for 256 and n_layers=3). Raises ValueError for
-  an unknown `norm`, a GroupNorm channel count not divisible by `num_groups`, and (when
-  called) an input too small to leave at least one output patch.
+  H' = patch_grid_size(H, n_layers) (30 for 256 and n_layers=3). `norm` is one of
+  `DISCRIMINATOR_NORMS`, `init` one of `DISCRIMINATOR_INITS` (see the module docstring);
+  `axis_name` is for norm='batch' inside `shard_map` only. Raises ValueError for an
+  unknown `norm` or `init`, a GroupNorm channel count not divisible by `num_groups`, and
+  (when called) an input too small to leave at least one output patch.
   """
 
   def __init__(self, *, in_channels: int = 3, ndf: int = 64, n_layers: int = 3,
-               norm: str = "group", num_groups: int = vqgan.NORM_GROUPS,
+               norm: str = "group", init: str = "default",
+               num_groups: int = vqgan.NORM_GROUPS, axis_name: str | None = None,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                rngs: nnx.Rngs):
     if norm not in DISCRIMINATOR_NORMS:
       raise ValueError(f"norm must be one of {DISCRIMINATOR_NORMS}, got {norm!r}.")
+    if init not in DISCRIMINATOR_INITS:
+      raise ValueError(f"init must be one of {DISCRIMINATOR_INITS}, got {init!r}.")
     for name, value in (("in_channels", in_channels), ("ndf", ndf),
                         ("n_layers", n_layers)):
       if not isinstance(value, int) or value < 1:
@@ -111,9 +170,11 @@ class NLayerDiscriminator(nnx.Module):
     self.conv_in = vqgan.conv(in_channels, ndf, 4, stride=2, padding=1, **kw)
     self.blocks = nnx.List([
         _ConvNormBlock(widths[n - 1], widths[n], 2 if n < n_layers else 1, norm,
-                       num_groups=num_groups, **kw)
+                       num_groups=num_groups, axis_name=axis_name, **kw)
         for n in range(1, n_layers + 1)])
     self.conv_out = vqgan.conv(widths[-1], 1, 4, stride=1, padding=1, **kw)
+    if init == "taming":
+      _taming_init(self, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, in_channels] → logits [B, H', W', 1] in the compute dtype."""
@@ -127,3 +188,25 @@ class NLayerDiscriminator(nnx.Module):
     for block in self.blocks:
       h = block(h)
     return self.conv_out(h)
+
+
+def _taming_init(module: nnx.Module, rngs: nnx.Rngs) -> None:
+  """Re-draws `module`'s parameters as taming's `weights_init` (see the module docstring).
+
+  Like taming's `discriminator.apply(weights_init)`, a pass over every submodule after
+  construction, by type: convolutions and norms.
+  """
+  for _, sub in nnx.iter_modules(module):
+    if isinstance(sub, nnx.Conv):
+      kernel = sub.kernel
+      kernel[...] = TAMING_INIT_STDDEV * jax.random.normal(rngs.params(), kernel.shape,
+                                                           kernel.dtype)
+      if sub.bias is not None:
+        # PyTorch's Conv2d bias default, which weights_init leaves in place.
+        bound = 1.0 / (sub.in_features * math.prod(sub.kernel_size)) ** 0.5
+        sub.bias[...] = jax.random.uniform(rngs.params(), sub.bias.shape, sub.bias.dtype,
+                                           -bound, bound)
+    elif isinstance(sub, (nnx.GroupNorm, BatchStatNorm)):
+      sub.scale[...] = 1.0 + TAMING_INIT_STDDEV * jax.random.normal(
+          rngs.params(), sub.scale.shape, sub.scale.dtype)
+      sub.bias[...] = jnp.zeros(sub.bias.shape, sub.bias.dtype)
