@@ -190,6 +190,10 @@ def base_config() -> ml_collections.ConfigDict:
       # FID Inception (rvq_jax.metrics.inception): no file = no rFID/gFID/IS;
       # 'random' = random weights (tests only).
       inception="",
+      # Classifier of the priors' class accuracy and classifier FD
+      # (rvq_jax.metrics.classifier_metrics): '' = fashion_mnist_classifier.npz, used when
+      # it exists and fits the data; 'random' = random weights (tests only).
+      classifier="",
       random=False,          # tests only: random VGG/LPIPS/teacher weights, no files
   ))
 

