@@ -246,6 +246,10 @@ def test_fashion_mnist_runlocal_trains_all_stages_on_idx_files(tmp_path):
   config.mesh.shape = (1, 1, 1)
   for stage in config_lib.STAGES:
     config[stage].train.update(num_steps=2, log_every=1, eval_every=0, summary_every=0)
+  for stage in config_lib.PRIOR_STAGES:
+    # Sampling and VGG16 in every prior evaluation would double this test's time; the
+    # generation metrics have their own test above.
+    config[stage].eval.generation_fd_vgg = False
   config_lib.validate(config)
   workdir = str(tmp_path / "run")
   tokenizer = stages.build(config, "tokenizer")

@@ -311,8 +311,9 @@ def load_reference(path: str) -> Reference:
     ValueError: the file has no `mu`/`sigma`, or their shapes do not fit.
   """
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"FID statistics file {path} does not exist; make it with "
-                            "rvq_jax.metrics.fid.reference_statistics.")
+    raise FileNotFoundError(f"Statistics file {path} does not exist; make it with "
+                            "rvq_jax.metrics.fid.reference_statistics (FID) or "
+                            "feature_reference (any feature space).")
   with np.load(path, allow_pickle=False) as archive:
     if "mu" not in archive.files or "sigma" not in archive.files:
       raise ValueError(f"{path} holds {archive.files}, not FID statistics (mu, sigma).")

@@ -110,7 +110,8 @@ class PriorStage:
     `<kind>.eval.generation_fd_vgg` is on (reference statistics, with the features of the
     split's first `<kind>.eval.max_manifold_examples` examples, cached in
     `fd_vgg_reference_path`). Precision and recall compare the samples with as many real
-    examples: the first ones of the eval split, which are the evaluated ones.
+    examples: the eval split's first ones (the evaluated examples themselves when
+    evaluation reads the eval split, as it does without `prior.eval_tokens`).
 
   Args:
     config: the whole run config (the tokenizer's settings fix the token layout).
