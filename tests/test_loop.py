@@ -11,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
+from rvq_jax import parallel
 from rvq_jax.train import loop
 
 
@@ -127,3 +128,44 @@ def test_a_finished_stage_is_not_trained_again(tmp_path):
   workdir = str(tmp_path / "done")
   first = loop.run(_Stage(), _config(), workdir)
   assert loop.run(_Stage(nan_from=0), _config(), workdir) == first
+
+
+class _RowsStage:
+  """Eval batches of 8 examples with a padded tail; per-example rows beside a sum."""
+
+  name = "rows"
+
+  def __init__(self):
+    self.totals = None
+
+  def eval_batches(self, process_index, process_count):
+    for start, num_valid in ((0, 8), (8, 8), (16, 3)):
+      index = np.arange(start, start + 8, dtype=np.int32)
+      yield {"index": index, "valid": np.arange(8) < num_valid}
+
+  def finalize_eval(self, totals):
+    self.totals = totals
+    return {}
+
+
+def test_eval_rows_are_the_valid_examples_in_order_up_to_the_cap():
+  """Outputs under loop.ROWS_PREFIX are per-example rows: gathered from the 8 devices the
+  batch is split over, kept only for valid examples, concatenated in order, capped."""
+  mesh = parallel.make_mesh((-1, 1, 1))
+  assert mesh.devices.size == 8
+
+  @jax.jit
+  def eval_batch(batch):
+    index = batch["index"].astype(jnp.float32)
+    return {"count": jnp.sum(batch["valid"].astype(jnp.float32)),
+            loop.ROWS_PREFIX + "features": jnp.stack([index, -index], axis=1)}
+
+  for max_rows, expected in ((None, 19), (12, 12), (100, 19), (0, 0)):
+    stage = _RowsStage()
+    with jax.set_mesh(mesh):
+      loop.evaluate_batches(stage, eval_batch, mesh, max_rows=max_rows)
+    assert float(stage.totals["count"]) == 19  # sums still see every example
+    rows = stage.totals[loop.ROWS_PREFIX + "features"]
+    assert rows.shape == (expected, 2)
+    np.testing.assert_array_equal(rows[:, 0], np.arange(expected))
+    np.testing.assert_array_equal(rows[:, 1], -np.arange(expected))

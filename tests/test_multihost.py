@@ -161,6 +161,16 @@ def test_each_process_reads_a_disjoint_slice_and_together_the_batch(runs):
       assert single["local"][step] == want
 
 
+def test_eval_rows_are_gathered_from_both_processes_in_order(runs):
+  """Per-example eval rows (loop.ROWS_PREFIX): each process holds half of every eval
+  batch, yet both finalize with the single process's rows, in order, capped at 6."""
+  single = runs["reference"][0]["eval_rows"]
+  assert len(single) == 6 and len(set(single)) == 6
+  for name in ("first", "resumed"):
+    for record in runs[name]:
+      np.testing.assert_allclose(record["eval_rows"], single, rtol=1e-6, err_msg=name)
+
+
 def test_one_checkpoint_written_together_and_resumed_by_both(runs):
   # The first run wrote one checkpoint (its last step); each process wrote its own shards.
   assert list(runs["after_first"]) == ["2"]

@@ -47,7 +47,9 @@ def tiny_config(kind="regvq", *, condition="none", data_path="", **train):
     prior.train.update(batch_size=8, num_steps=2, log_every=1, checkpoint_every=1,
                        eval_every=0, summary_every=0)
     prior.train.update(**train)
-    prior.eval.update(batch_size=8, num_batches=1)
+    # FD-VGG samples and runs a (random) VGG16 in every evaluation: only the test of the
+    # generation metrics turns it on.
+    prior.eval.update(batch_size=8, num_batches=1, generation_fd_vgg=False)
     prior.sample.num_samples = 4
   config.diffusion.model.num_timesteps = 8
   config_lib.validate(config)
@@ -180,14 +182,19 @@ def test_prior_without_a_trained_tokenizer_names_the_command(tmp_path):
     stages.build(config, "ar", workdir=str(tmp_path))
 
 
-def test_prior_eval_reports_generation_fid_with_an_inception(tmp_path, monkeypatch):
-  """With an FID Inception (random weights here), eval adds gFID and IS of one sample per
-  held-out example against the eval split's cached reference statistics."""
+def test_prior_eval_reports_generation_metrics(tmp_path, monkeypatch):
+  """With an FID Inception and a VGG16 (random weights here), eval adds gFID and IS, and
+  gFD-VGG, precision and recall, of one sample per held-out example against the eval
+  split's cached reference statistics."""
   from rvq_jax.metrics import fid as fid_lib
   config = tiny_config()
   config.weights.update(random=True, inception="random")
+  config.ar.eval.generation_fd_vgg = True
+  # 2 eval photos × 4 crops: 8 eval examples; the cap keeps the features of 5 samples.
+  config.ar.eval.max_manifold_examples = 5
   stage = PriorStage(config, "ar", _random_tokenizer(config),
-                     fid_reference_path=str(tmp_path / "reference.npz"))
+                     fid_reference_path=str(tmp_path / "reference.npz"),
+                     fd_vgg_reference_path=str(tmp_path / "fd_vgg_reference.npz"))
   distances = []
   real_distance = fid_lib.frechet_distance
 
@@ -199,10 +206,17 @@ def test_prior_eval_reports_generation_fid_with_an_inception(tmp_path, monkeypat
   final = loop.run(stage, loop.loop_config_from(config, "ar"), str(tmp_path / "ar"))
   assert np.isfinite(final["gfid"]) and final["gfid"] >= 0
   assert final["inception_score"] >= 1.0
-  # The reference is the eval split's statistics, written once to the cache file.
-  mu_ref, sigma_ref, _ = fid_lib.load_statistics(str(tmp_path / "reference.npz"))
-  np.testing.assert_array_equal(distances[-1][2], mu_ref)
-  np.testing.assert_array_equal(distances[-1][3], sigma_ref)
+  assert np.isfinite(final["gfd_vgg"]) and final["gfd_vgg"] >= 0
+  assert 0 <= final["precision"] <= 1 and 0 <= final["recall"] <= 1
+  # Each reference is the eval split's statistics, written once to its cache file.
+  by_dimension = {len(args[2]): args for args in distances}
+  for path, dimension in (("reference.npz", 2048), ("fd_vgg_reference.npz", 512)):
+    reference = fid_lib.load_reference(str(tmp_path / path))
+    np.testing.assert_array_equal(by_dimension[dimension][2], reference.mu)
+    np.testing.assert_array_equal(by_dimension[dimension][3], reference.sigma)
+  # The FD-VGG file also keeps the first 5 eval examples' features: the real set of
+  # precision/recall, as many as the samples kept.
+  assert fid_lib.load_reference(str(tmp_path / "fd_vgg_reference.npz")).rows.shape == (5, 512)
 
 
 def test_fashion_mnist_runlocal_trains_all_stages_on_idx_files(tmp_path):
@@ -232,6 +246,10 @@ def test_fashion_mnist_runlocal_trains_all_stages_on_idx_files(tmp_path):
   config.mesh.shape = (1, 1, 1)
   for stage in config_lib.STAGES:
     config[stage].train.update(num_steps=2, log_every=1, eval_every=0, summary_every=0)
+  for stage in config_lib.PRIOR_STAGES:
+    # Sampling and VGG16 in every prior evaluation would double this test's time; the
+    # generation metrics have their own test above.
+    config[stage].eval.generation_fd_vgg = False
   config_lib.validate(config)
   workdir = str(tmp_path / "run")
   tokenizer = stages.build(config, "tokenizer")

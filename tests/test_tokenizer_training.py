@@ -68,6 +68,10 @@ def test_one_sharded_step_equals_the_single_device_step(tmp_path):
                "train/d_loss", "train/gan_weight", "train/grad_norm", "train/d_grad_norm",
                "psnr", "lpips", "usage"):
     np.testing.assert_allclose(b[name], a[name], rtol=2e-4, atol=1e-6, err_msg=name)
+  # rFD-VGG (LPIPS's VGG16 is there): 8 examples in 512 dimensions, so float32 sums that
+  # add up in another order move it more than the means above.
+  assert np.isfinite(a["rfd_vgg"]) and a["rfd_vgg"] > 0
+  np.testing.assert_allclose(b["rfd_vgg"], a["rfd_vgg"], rtol=1e-2)
   agree = _fraction_close(_params(single, str(tmp_path / "single")),
                           _params(sharded, str(tmp_path / "sharded")))
   assert agree > 0.995, agree

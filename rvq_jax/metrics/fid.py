@@ -24,7 +24,11 @@ from the data pipeline are on that grid already.
 Reference statistics of a dataset split are computed once and cached in an `.npz`
 (`reference_statistics`) holding `mu`, `sigma` — the key names of pytorch-fid/TTUR/ADM
 statistics files, which `load_statistics` reads too — plus `count` and a `key` that
-identifies the data, the split and the network, so a stale cache is never reused.
+identifies the data, the split, the network and which of its features, so a stale cache
+is never reused. The machinery is not tied to Inception: `feature_reference` computes
+and caches the statistics of any `FeatureSpace` (a network and a features function; FD-VGG
+in `rvq_jax.metrics.fd_vgg` is the other one), optionally with the features of the
+split's first examples themselves (`max_rows`, for precision/recall).
 
 For the priors' generation FID (gFID):
 
@@ -35,10 +39,12 @@ For the priors' generation FID (gFID):
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Mapping
 from typing import Any
@@ -52,7 +58,8 @@ from flax import nnx
 from rvq_jax.models import pretrained
 
 # Bumped whenever the way reference statistics are computed changes: old caches go stale.
-_REFERENCE_FORMAT_VERSION = 1
+# 2: the key names the feature space (network, features, settings) and the rows kept.
+_REFERENCE_FORMAT_VERSION = 2
 # Data fields that change neither which examples are read nor how they look.
 _DATA_FIELDS_NOT_IN_KEY = ("batch_size", "eval_batch_size", "num_workers", "prefetch_batches",
                            "probe_files")
@@ -255,12 +262,14 @@ def fid_against_reference(sums: Mapping[str, Any], reference_npz_path: str) -> f
 # ---------------------------------------------------------------------- statistics files
 
 def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, *, count: float,
-                    key: str = "") -> None:
-  """Writes `mu`, `sigma`, `count` and the cache `key` to an `.npz`, atomically."""
-  pretrained.write_npz(path, {"mu": np.asarray(mu, np.float64),
-                              "sigma": np.asarray(sigma, np.float64),
-                              "count": np.asarray(count, np.float64),
-                              "key": np.asarray(key)})
+                    key: str = "", rows: np.ndarray | None = None) -> None:
+  """Writes `mu`, `sigma`, `count`, the cache `key` and optionally per-example `rows`
+  (stored as `features`) to an `.npz`, atomically."""
+  arrays = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64),
+            "count": np.asarray(count, np.float64), "key": np.asarray(key)}
+  if rows is not None:
+    arrays["features"] = np.asarray(rows, np.float32)
+  pretrained.write_npz(path, arrays)
 
 
 def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray, str | None]:
@@ -270,18 +279,84 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray, str | None]:
     FileNotFoundError: no such file.
     ValueError: the file has no `mu`/`sigma`, or their shapes do not fit.
   """
+  reference = load_reference(path)
+  return reference.mu, reference.sigma, reference.key
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """Statistics of a data split in one feature space (what `feature_reference` returns).
+
+  Attributes:
+    mu: [D] float64 mean.
+    sigma: [D, D] float64 unbiased covariance.
+    count: number of examples they summarize (NaN for files that do not say).
+    rows: [R, D] float32 features of the split's first R examples, in order (R = the
+      smaller of `max_rows` and the split's size), or None when none were kept.
+    key: the cache key it was computed under (None for files without one).
+  """
+
+  mu: np.ndarray
+  sigma: np.ndarray
+  count: float
+  rows: np.ndarray | None = None
+  key: str | None = None
+
+
+def load_reference(path: str) -> Reference:
+  """A statistics `.npz` (`save_statistics`, or pytorch-fid/TTUR/ADM's `mu`/`sigma` files).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: the file has no `mu`/`sigma`, or their shapes do not fit.
+  """
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"FID statistics file {path} does not exist; make it with "
-                            "rvq_jax.metrics.fid.reference_statistics.")
+    raise FileNotFoundError(f"Statistics file {path} does not exist; make it with "
+                            "rvq_jax.metrics.fid.reference_statistics (FID) or "
+                            "feature_reference (any feature space).")
   with np.load(path, allow_pickle=False) as archive:
     if "mu" not in archive.files or "sigma" not in archive.files:
       raise ValueError(f"{path} holds {archive.files}, not FID statistics (mu, sigma).")
     mu = np.asarray(archive["mu"], np.float64)
     sigma = np.asarray(archive["sigma"], np.float64)
     key = str(archive["key"]) if "key" in archive.files else None
+    count = float(archive["count"]) if "count" in archive.files else math.nan
+    rows = np.asarray(archive["features"], np.float32) if "features" in archive.files else None
   if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
     raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together.")
-  return mu, sigma, key
+  if rows is not None and (rows.ndim != 2 or rows.shape[1] != mu.shape[0]):
+    raise ValueError(f"{path}: features {rows.shape} do not fit mu {mu.shape}.")
+  return Reference(mu=mu, sigma=sigma, count=count, rows=rows, key=key)
+
+
+# ---------------------------------------------------------------------- feature spaces
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FeatureSpace:
+  """Per-example features of a frozen network: what reference statistics are taken of.
+
+  Attributes:
+    name: which features, for the cache key (e.g. 'inception_fid/pool3').
+    network: the module; a fingerprint of its weights goes into the key.
+    features: (network, images [B, H, W, 3] in [-1, 1]) → [B, D] features; jittable.
+    settings: anything else that changes the features (e.g. Inception's input size),
+      JSON-serializable, for the key.
+  """
+
+  name: str
+  network: nnx.Module
+  features: Callable[[nnx.Module, jax.Array], jax.Array]
+  settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _pool3(inception: nnx.Module, images: jax.Array) -> jax.Array:
+  return inception(images)["pool3"]
+
+
+def inception_space(inception: nnx.Module) -> FeatureSpace:
+  """FID's features: the 2048 pool3 activations of the FID Inception."""
+  return FeatureSpace(name="inception_fid/pool3", network=inception, features=_pool3,
+                      settings={"resize_to": getattr(inception, "resize_to", None)})
 
 
 # ---------------------------------------------------------------------- reference statistics
@@ -307,13 +382,14 @@ def weights_fingerprint(module: nnx.Module) -> str:
   return digest.hexdigest()[:16]
 
 
-def reference_key(data_config, split: str, inception: nnx.Module, *,
-                  max_examples: int | None = None, quantize: bool = True) -> str:
-  """The cache key of reference statistics: data, split, example cap and network.
+def reference_key(data_config, split: str, space: FeatureSpace, *,
+                  max_examples: int | None = None, quantize: bool = True,
+                  max_rows: int = 0) -> str:
+  """The cache key of reference statistics: data, split, example cap, features, rows.
 
   JSON of the resolved data config (without fields that only affect speed or batching),
-  the split, `max_examples`, the quantization, Inception's input size and a fingerprint
-  of its weights.
+  the split, `max_examples`, the quantization, the feature space (its name, settings and
+  a fingerprint of its network's weights) and how many per-example rows are kept.
   """
   from rvq_jax.data import factory as data_factory  # pylint: disable=g-import-not-at-top
   resolved = data_factory.resolve_config(data_config).to_dict()
@@ -321,8 +397,8 @@ def reference_key(data_config, split: str, inception: nnx.Module, *,
     resolved.pop(field, None)
   key = {"version": _REFERENCE_FORMAT_VERSION, "data": resolved, "split": split,
          "max_examples": max_examples, "quantize": bool(quantize),
-         "inception_resize_to": getattr(inception, "resize_to", None),
-         "inception_weights": weights_fingerprint(inception)}
+         "features": space.name, "settings": dict(space.settings),
+         "weights": weights_fingerprint(space.network), "max_rows": int(max_rows)}
   return json.dumps(key, sort_keys=True, default=list)
 
 
@@ -354,16 +430,103 @@ def _reference_batches(data_config, split: str, batch_size: int) -> Iterator[dic
     yield from iterator
 
 
+def feature_reference(data_config, split: str, space: FeatureSpace, cache_path: str | None,
+                      batch_size: int, *, max_examples: int | None = None,
+                      quantize: bool = True, max_rows: int = 0) -> Reference:
+  """Statistics of `space`'s features over a dataset split, computed once and cached.
+
+  A cache file whose stored key (see `reference_key`) differs — other data, image size,
+  split, example cap, features, network weights or row count — is recomputed and
+  overwritten, never reused. Every host reads its share of the data; the sums (and the
+  kept rows) are combined over hosts; process 0 writes the file.
+
+  Args:
+    data_config: the data config (`rvq_jax.data.factory`).
+    split: 'train' or 'eval' (each read once, in order, without augmentation).
+    space: the network and its features (`inception_space`, `fd_vgg.feature_space`).
+    cache_path: the `.npz` to read or write; None = compute, do not cache.
+    batch_size: global batch size of the pass (divisible by the process count).
+    max_examples: use only the first this many examples of the split (None = all).
+    quantize: round to 8-bit levels first (`to_uint8_grid`), as the generated side does
+      (keep the two the same).
+    max_rows: also keep the features of the split's first this many examples, in order
+      (`Reference.rows`), e.g. as the real set of precision/recall; 0 = none.
+
+  Returns:
+    The `Reference`: mu [D], sigma [D, D] (float64), count, rows.
+  """
+  key = reference_key(data_config, split, space, max_examples=max_examples,
+                      quantize=quantize, max_rows=max_rows)
+  if cache_path and os.path.isfile(cache_path):
+    cached = load_reference(cache_path)
+    if cached.key == key:
+      logging.info("Reference statistics (%s) from %s.", space.name, cache_path)
+      return cached
+    logging.warning("Reference statistics in %s were computed for other data or another "
+                    "network (cached key %s, needed %s); recomputing them.", cache_path,
+                    cached.key, key)
+
+  graphdef, state = nnx.split(space.network)
+  state = _host_local(state)
+
+  @jax.jit
+  def batch_outputs(state, images, valid):
+    if quantize:
+      images = to_uint8_grid(images)
+    features = space.features(nnx.merge(graphdef, state), images)
+    return feature_sums(features, valid), features
+
+  per_host = batch_size // jax.process_count()
+  limit = math.inf if max_examples is None else max_examples
+  rows_limit = int(min(max_rows, limit))
+  totals: dict[str, np.ndarray] = {}
+  # Rows by global position: each host fills the positions of its own examples, so the
+  # buffers add up over hosts into the split's first examples in order.
+  rows = filled = None
+  for step, batch in enumerate(_reference_batches(data_config, split, batch_size)):
+    if step * batch_size >= limit:
+      break
+    # This host's rows are global rows step·B + p·B/P + r (see the data iterator).
+    positions = step * batch_size + jax.process_index() * per_host + np.arange(per_host)
+    valid = np.asarray(batch["valid"], bool) & (positions < limit)
+    sums, features = jax.device_get(batch_outputs(state, np.asarray(batch["image"]), valid))
+    for name, value in sums.items():
+      totals[name] = totals.get(name, 0.0) + np.asarray(value, np.float64)
+    if rows_limit > 0:
+      if rows is None:
+        rows = np.zeros((rows_limit, features.shape[1]), np.float32)
+        filled = np.zeros(rows_limit, bool)
+      keep = valid & (positions < rows_limit)
+      rows[positions[keep]] = features[keep]
+      filled[positions[keep]] = True
+  if not totals:
+    raise ValueError(f"The {split!r} split produced no batches.")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    totals = {name: np.sum(multihost_utils.process_allgather(value), axis=0)
+              for name, value in totals.items()}
+    if rows is not None:
+      rows = np.sum(multihost_utils.process_allgather(rows), axis=0)
+      filled = np.any(multihost_utils.process_allgather(filled), axis=0)
+  if rows is not None:
+    # Padding is only at the end of a pass, so the filled positions are a prefix.
+    rows = rows[:int(filled.sum())]
+  mu, sigma = statistics_from_sums(totals)
+  count = float(totals["count"])
+  if cache_path and jax.process_index() == 0:
+    save_statistics(cache_path, mu, sigma, count=count, key=key, rows=rows)
+    logging.info("Reference statistics (%s) of %d examples written to %s.", space.name,
+                 int(count), cache_path)
+  return Reference(mu=mu, sigma=sigma, count=count, rows=rows, key=key)
+
+
 def reference_statistics(data_config, split: str, inception: nnx.Module,
                          cache_path: str | None, batch_size: int, *,
                          max_examples: int | None = None,
                          quantize: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """(mu, sigma) of Inception features of a dataset split, computed once and cached.
 
-  A cache file whose stored key (see `reference_key`) differs — other data, image size,
-  split, example cap or Inception weights — is recomputed and overwritten, never reused.
-  Every host reads its share of the data; the sums are added over hosts; process 0
-  writes the file.
+  `feature_reference` in `inception_space(inception)`; see there for the cache.
 
   Args:
     data_config: the data config (`rvq_jax.data.factory`).
@@ -378,46 +541,6 @@ def reference_statistics(data_config, split: str, inception: nnx.Module,
   Returns:
     mu [2048], sigma [2048, 2048], float64.
   """
-  key = reference_key(data_config, split, inception, max_examples=max_examples,
-                      quantize=quantize)
-  if cache_path and os.path.isfile(cache_path):
-    mu, sigma, cached_key = load_statistics(cache_path)
-    if cached_key == key:
-      logging.info("FID reference statistics from %s.", cache_path)
-      return mu, sigma
-    logging.warning("FID reference statistics in %s were computed for other data or another "
-                    "network (cached key %s, needed %s); recomputing them.", cache_path,
-                    cached_key, key)
-
-  graphdef, state = nnx.split(inception)
-  state = _host_local(state)
-
-  @jax.jit
-  def batch_sums(state, images, valid):
-    return generated_feature_sums(nnx.merge(graphdef, state), images, valid,
-                                  quantize=quantize)
-
-  per_host = batch_size // jax.process_count()
-  limit = math.inf if max_examples is None else max_examples
-  totals: dict[str, np.ndarray] = {}
-  for step, batch in enumerate(_reference_batches(data_config, split, batch_size)):
-    if step * batch_size >= limit:
-      break
-    # This host's rows are global rows step·B + p·B/P + r (see the data iterator).
-    positions = step * batch_size + jax.process_index() * per_host + np.arange(per_host)
-    valid = np.asarray(batch["valid"], bool) & (positions < limit)
-    sums = jax.device_get(batch_sums(state, np.asarray(batch["image"]), valid))
-    for name, value in sums.items():
-      totals[name] = totals.get(name, 0.0) + np.asarray(value, np.float64)
-  if not totals:
-    raise ValueError(f"The {split!r} split produced no batches.")
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    totals = {name: np.sum(multihost_utils.process_allgather(value), axis=0)
-              for name, value in totals.items()}
-  mu, sigma = statistics_from_sums(totals)
-  if cache_path and jax.process_index() == 0:
-    save_statistics(cache_path, mu, sigma, count=float(totals["count"]), key=key)
-    logging.info("FID reference statistics of %d examples written to %s.",
-                 int(totals["count"]), cache_path)
-  return mu, sigma
+  reference = feature_reference(data_config, split, inception_space(inception), cache_path,
+                                batch_size, max_examples=max_examples, quantize=quantize)
+  return reference.mu, reference.sigma

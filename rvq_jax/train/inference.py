@@ -27,7 +27,8 @@ def evaluate(stage, loop_config: loop.LoopConfig, workdir: str) -> dict[str, flo
   eval_step = nnx.jit(stage.eval_step)
   with jax.set_mesh(mesh):
     metrics = {"step": step, **loop.evaluate_batches(
-        stage, lambda batch: eval_step(container, constants, batch), mesh)}
+        stage, lambda batch: eval_step(container, constants, batch), mesh,
+        max_rows=loop_config.max_eval_rows)}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
       json.dump(metrics, f, indent=2, sort_keys=True)

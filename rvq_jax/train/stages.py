@@ -25,8 +25,13 @@ def build(config: ml_collections.ConfigDict, name: str, *, workdir: str | None =
         raise ValueError(f"stage {name!r} needs the tokenizer or the run's workdir.")
       tokenizer, _ = prior_stage.load_tokenizer(
           config, prior_stage.tokenizer_workdir(config, workdir))
-    reference = None if workdir is None else str(epath.Path(workdir) / "fid_reference_eval.npz")
-    return prior_stage.PriorStage(config, name, tokenizer, fid_reference_path=reference)
+
+    def cache(file_name):  # Reference statistics of the eval split, shared by the priors.
+      return None if workdir is None else str(epath.Path(workdir) / file_name)
+
+    return prior_stage.PriorStage(config, name, tokenizer,
+                                  fid_reference_path=cache("fid_reference_eval.npz"),
+                                  fd_vgg_reference_path=cache("fd_vgg_reference_eval.npz"))
   raise ValueError(f"unknown stage {name!r}: 'tokenizer', 'ar' or 'diffusion'.")
 
 

