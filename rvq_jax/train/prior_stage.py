@@ -22,6 +22,7 @@ from flax import nnx
 
 from rvq_jax.data import factory as data_factory
 from rvq_jax.data import token_arrays
+from rvq_jax.metrics import classifier_metrics
 from rvq_jax.metrics import fd_vgg
 from rvq_jax.metrics import fid as fid_lib
 from rvq_jax.metrics import precision_recall
@@ -136,6 +137,12 @@ class PriorStage:
     self._inception_graphdef, self._inception_state = _split_or_none(inception)
     self._vgg16_graphdef, self._vgg16_state = _split_or_none(
         self._load_vgg16() if eval_settings.generation_fd_vgg else None)
+    # The data set's classifier (class accuracy, classifier FD); its reference
+    # statistics of real held-out images travel in its weight file.
+    self._classifier = (classifier_metrics.load_eval_classifier(config)
+                        if eval_settings.generation_classifier else None)
+    self._classifier_graphdef, self._classifier_state = _split_or_none(
+        self._classifier.network if self._classifier is not None else None)
     self.fid_reference_path = fid_reference_path
     self.fd_vgg_reference_path = fd_vgg_reference_path
     self._fid_reference = None
@@ -157,7 +164,7 @@ class PriorStage:
 
   def constants(self) -> Any:
     return {"tokenizer": self._tokenizer_state, "inception": self._inception_state,
-            "vgg16": self._vgg16_state}
+            "vgg16": self._vgg16_state, "classifier": self._classifier_state}
 
   def phase(self, step: int) -> Hashable:
     return None
@@ -244,23 +251,26 @@ class PriorStage:
     tokens_per_example = math.prod(self.layout.token_shape())
     sums = {"nll_nats": jnp.sum(nll * weight), "count": jnp.sum(weight),
             "tokens": jnp.sum(weight) * tokens_per_example}
-    if constants["inception"] is not None or constants["vgg16"] is not None:
+    if any(constants[name] is not None for name in ("inception", "vgg16", "classifier")):
       samples = container.model.sample(
           jax.random.fold_in(key, 1), condition, num_samples=valid.shape[0],
           **sample_options(self.config, self.kind))
       images = decode_images(self.tokenizer(constants),
                              samples.reshape((valid.shape[0],) + self.layout.grid_shape()))
-      sums.update(self._generation_outputs(constants, images, valid))
+      labels = condition if self.condition_kind == "class" else None
+      sums.update(self._generation_outputs(constants, images, valid, labels))
     return sums
 
-  def _generation_outputs(self, constants, images, valid) -> dict[str, jax.Array]:
+  def _generation_outputs(self, constants, images, valid,
+                          labels: jax.Array | None) -> dict[str, jax.Array]:
     """Eval outputs of the samples: Inception sums (gFID, IS), VGG16 feature sums
-    (gFD-VGG) and per-example VGG16 features (precision/recall), as far as the networks
-    exist.
+    (gFD-VGG), per-example VGG16 features (precision/recall) and the classifier's sums
+    (class accuracy, classifier FD), as far as the networks exist.
 
     Args:
       images: [B, H, W, 3] decoded samples in [-1, 1].
       valid: [B] bool.
+      labels: [B] the class each sample was drawn for (class-conditional priors), or None.
     """
     outputs = {}
     if constants["inception"] is not None:
@@ -272,6 +282,10 @@ class PriorStage:
       outputs.update({_FD_VGG_GENERATED + name: value for name, value in
                       fid_lib.feature_sums(features, valid).items()})
       outputs[_FD_VGG_ROWS] = features
+    if constants["classifier"] is not None:
+      classifier = nnx.merge(self._classifier_graphdef, constants["classifier"])
+      outputs.update(classifier_metrics.classifier_batch_sums(classifier, images, labels,
+                                                              valid))
     return outputs
 
   def finalize_eval(self, totals: dict[str, np.ndarray]) -> dict[str, float]:
@@ -280,6 +294,12 @@ class PriorStage:
                "nll_per_image": nll / max(count, 1.0)}
     metrics.update(self._fid_metrics(totals))
     metrics.update(self._fd_vgg_metrics(totals))
+    if "classifier_count" in totals and float(totals["classifier_count"]) >= 1:
+      metrics.update(classifier_metrics.classifier_metrics_from_sums(
+          totals, self._classifier.reference))
+      if self._classifier.test_accuracy is not None and "class_accuracy" in metrics:
+        # The same classifier on real test images: the ceiling for class_accuracy.
+        metrics["class_accuracy_real"] = self._classifier.test_accuracy
     return metrics
 
   def _fid_metrics(self, totals: dict[str, np.ndarray]) -> dict[str, float]:
