@@ -75,6 +75,10 @@ def test_one_sharded_step_equals_the_single_device_step(tmp_path):
   agree = _fraction_close(_params(single, str(tmp_path / "single")),
                           _params(sharded, str(tmp_path / "sharded")))
   assert agree > 0.995, agree
+  # The final evaluation drew the held-out codebook usage chart.
+  chart = np.asarray(Image.open(tmp_path / "single" / "images" /
+                                "eval_codebook_usage_0000002.png"))
+  assert chart.shape[0] >= 240 and chart.shape[1] >= 480
 
 
 def _discriminator_params(config, workdir):

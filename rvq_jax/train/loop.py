@@ -84,6 +84,10 @@ class Stage(Protocol):
                 step: int) -> dict[str, np.ndarray]:
     """uint8 images for TensorBoard/PNG (runs on every process; called rarely)."""
 
+  # Optional: `eval_images(totals, step) -> dict[str, np.ndarray]`, uint8 images drawn
+  # from an evaluation's totals (e.g. the held-out codebook usage), written beside its
+  # scalars as `eval_<name>`.
+
   def train_iterator(self, process_index: int, process_count: int) -> ResumableIterator: ...
 
   def eval_batches(self, process_index: int, process_count: int) -> Iterator[Batch]: ...
@@ -144,7 +148,7 @@ ROWS_PREFIX = "rows/"
 
 
 def evaluate_batches(stage: Stage, eval_batch: Callable[[Batch], dict], mesh, *,
-                     max_rows: int | None = None) -> dict:
+                     max_rows: int | None = None, return_totals: bool = False):
   """Runs `eval_batch` over the stage's held-out batches, sums, and finalizes.
 
   Every output is a sum over the batch, added over batches in float64, except those
@@ -155,6 +159,9 @@ def evaluate_batches(stage: Stage, eval_batch: Callable[[Batch], dict], mesh, *,
   host memory; `stage.finalize_eval` receives them concatenated, [N, ...] with
   N ≤ max_rows, under the same name. Like the sums, rows are global arrays gathered from
   all processes, so every process sees the same ones.
+
+  Returns:
+    The metrics of `stage.finalize_eval`, or (metrics, totals) with `return_totals`.
   """
   # A running float64 total: holding every batch's outputs would keep, e.g., two
   # [2048, 2048] FID moment matrices per batch in host memory.
@@ -187,7 +194,8 @@ def evaluate_batches(stage: Stage, eval_batch: Callable[[Batch], dict], mesh, *,
   if totals is None:
     raise ValueError(f"{stage.name}: the evaluation split produced no batches.")
   totals.update({name: np.concatenate(parts) for name, parts in rows.items()})
-  return stage.finalize_eval(totals)
+  metrics = stage.finalize_eval(totals)
+  return (metrics, totals) if return_totals else metrics
 
 
 def jitted_train_step(stage: Stage, graphdef, state_shardings, phase: Hashable) -> Callable:
@@ -358,9 +366,13 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
     constants = prepared.constants()
 
     def evaluate(state, step):
-      metrics = evaluate_batches(stage, functools.partial(prepared.eval_step, state, constants),
-                                 mesh, max_rows=config.max_eval_rows)
+      metrics, totals = evaluate_batches(
+          stage, functools.partial(prepared.eval_step, state, constants), mesh,
+          max_rows=config.max_eval_rows, return_totals=True)
       reporter.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+      if hasattr(stage, "eval_images"):
+        reporter.images(step, {f"eval_{name}": image
+                               for name, image in stage.eval_images(totals, step).items()})
       reporter.log("eval at step %d: %s", step,
                    " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
       return metrics
