@@ -128,6 +128,25 @@ def categorize(name: str, ops: list[str] | None, source: str = "") -> str:
   return "elementwise/copy"
 
 
+def _exclusive_times(events: list[dict]) -> list[tuple[str, float]]:
+  """(name, seconds not covered by nested events) for the events of one thread."""
+  out = []
+  stack: list[list] = []  # [end, name, time of children, duration], innermost last
+
+  def close(until):
+    while stack and stack[-1][0] <= until:
+      _, name, children, duration = stack.pop()
+      out.append((name, (duration - children) * 1e-6))
+      if stack:
+        stack[-1][2] += duration
+
+  for event in sorted(events, key=lambda e: (e["ts"], -e["dur"])):
+    close(event["ts"])
+    stack.append([event["ts"] + event["dur"], event["name"], 0.0, event["dur"]])
+  close(float("inf"))
+  return out
+
+
 def profile(call, reps: int, trace_dir: str) -> tuple[float, dict[str, float]]:
   """Runs `call` reps times under the profiler: (median wall s per call, thunk name -> s/call)."""
   call()
@@ -145,6 +164,7 @@ def profile(call, reps: int, trace_dir: str) -> tuple[float, dict[str, float]]:
     data = json.load(f)
   events = data["traceEvents"] if isinstance(data, dict) else data
   per_op: dict[str, float] = collections.defaultdict(float)
+  by_thread = collections.defaultdict(list)
   for event in events:
     if event.get("ph") != "X" or "dur" not in event:
       continue
@@ -154,7 +174,11 @@ def profile(call, reps: int, trace_dir: str) -> tuple[float, dict[str, float]]:
                          "Handle", "Allocate", "Wait", "Parse", "Python"))
         or "::" in name or " " in name):
       continue
-    per_op[name] += event["dur"] * 1e-6 / reps
+    by_thread[(event.get("pid"), event.get("tid"))].append(event)
+  # Exclusive time: a while loop's event encloses its body's thunks, which have their own.
+  for thread_events in by_thread.values():
+    for name, seconds in _exclusive_times(thread_events):
+      per_op[name] += seconds / reps
   return statistics.median(walls), dict(per_op)
 
 
