@@ -256,82 +256,96 @@ def _noise_rows(config: _Config, key_data, noise, start, size: int, num_codes: i
   return gumbel_rows(key, ids, num_codes)
 
 
-def _sampled_block(config, logits, bias, noise, key_data, positions, start, size):
-  """The stochastic rows of a block: (ℓ rows + bias, ℓ + g, their [B, size] positions)."""
-  num_codes = logits.shape[-1]
-  if config.all_sampled:
-    rows = _rows(logits, start, size)
-    where = None
-  else:
-    where = _rows(positions, start, size)
-    rows = _gather(logits, where)
-  rows = rows.astype(jnp.float32) + bias.astype(jnp.float32)
-  perturbed = rows + _noise_rows(config, key_data, noise, start, size, num_codes)
-  return perturbed, where
+def _stores_perturbed(config: _Config) -> bool:
+  """Whether the forward pass keeps ℓ + g of the stochastic rows for the backward pass.
+
+  Noise drawn from a key for a subset of rows: kept ([B, S, K]), since drawing it again
+  block by block would draw it for every position of a block. Every position sampled:
+  drawn again (a kept copy would be a whole new [N, K] array). A noise array: read again.
+  """
+  return config.key_impl is not None and not config.all_sampled
 
 
 def _forward(config: _Config, logits, bias, codebook, noise, key_data, positions, tau):
   batch, length, num_codes = logits.shape
   bias32 = bias.astype(jnp.float32)
 
-  def deterministic_block(start, size, carry):
-    best_all, argmax_all, sum_all, log_sum1_all, prob_sum, kl_sum = carry
+  def sample_stats(perturbed):
+    best, index = _max_and_argmax(perturbed)
+    return best[..., 0], index, jnp.sum(jnp.exp(_tempered(perturbed, best, tau)), axis=-1)
+
+  def block_stats(start, size, carry):
+    """Per position: max, argmax, Σ exp of ℓ/τ (and of ℓ + g when every position is
+    sampled), accumulating p̄ and the per-position KL."""
+    rows, prob_sum, kl_sum = carry
     x = _rows(logits, start, size).astype(jnp.float32) + bias32
     best, argmax = _max_and_argmax(x)
-    tempered = _tempered(x, best, tau)
-    exp = jnp.exp(tempered)
+    exp = jnp.exp(_tempered(x, best, tau))
     sum_exp = jnp.sum(exp, axis=-1, keepdims=True)
     prob_sum = prob_sum + jnp.sum(exp / sum_exp, axis=1)
+    new = {"best": best[..., 0], "argmax": argmax, "sum_exp": sum_exp[..., 0]}
     if config.per_position_kl:
       centered = x - best
       log_sum1 = jnp.log(jnp.sum(jnp.exp(centered), axis=-1, keepdims=True))
       log_probs1 = centered - log_sum1
       kl_sum = kl_sum + jnp.sum(jnp.exp(log_probs1) * log_probs1, axis=(1, 2))
-      log_sum1_all = _set_rows(log_sum1_all, log_sum1[..., 0], start)
-    return (_set_rows(best_all, best[..., 0], start), _set_rows(argmax_all, argmax, start),
-            _set_rows(sum_all, sum_exp[..., 0], start), log_sum1_all, prob_sum, kl_sum)
+      new["log_sum1"] = log_sum1[..., 0]
+    if config.all_sampled:
+      perturbed = x + _noise_rows(config, key_data, noise, start, size, num_codes)
+      new["sample_best"], new["sample_index"], new["sample_sum"] = sample_stats(perturbed)
+    rows = {name: _set_rows(rows[name], value, start) for name, value in new.items()}
+    return rows, prob_sum, kl_sum
 
-  per_row = jnp.zeros((batch, length), jnp.float32)
-  carry = (per_row, jnp.zeros((batch, length), jnp.int32), per_row,
-           per_row if config.per_position_kl else jnp.zeros((batch, 0), jnp.float32),
-           jnp.zeros((batch, num_codes), jnp.float32), jnp.zeros((batch,), jnp.float32))
-  best, argmax_indices, sum_exp, log_sum1, prob_sum, kl_sum = _for_blocks(
-      length, config.block, deterministic_block, carry)
+  floats = jnp.zeros((batch, length), jnp.float32)
+  ints = jnp.zeros((batch, length), jnp.int32)
+  rows = {"best": floats, "argmax": ints, "sum_exp": floats}
+  if config.per_position_kl:
+    rows["log_sum1"] = floats
+  if config.all_sampled:
+    rows.update(sample_best=floats, sample_index=ints, sample_sum=floats)
+  rows, prob_sum, kl_sum = _for_blocks(
+      length, config.block, block_stats,
+      (rows, jnp.zeros((batch, num_codes), jnp.float32), jnp.zeros((batch,), jnp.float32)))
   # Per-sample partial sums first, then over the batch: one reduction across devices.
   mean_probs = jnp.sum(prob_sum, axis=0) / (batch * length)
   kl = (jnp.log(jnp.float32(num_codes)) + jnp.sum(kl_sum) / (batch * length)
         if config.per_position_kl else jnp.zeros((), jnp.float32))
-
+  argmax_indices = rows["argmax"]
   indices = argmax_indices
-  sample_best = sample_sum = jnp.zeros((batch, config.sampled), jnp.float32)
-  perturbed_rows = jnp.zeros((batch, config.sampled, num_codes), jnp.float32)
-  if config.sampled:
+  empty = jnp.zeros((batch, 0), jnp.float32)
+  sample_best = rows.get("sample_best", empty)
+  sample_sum = rows.get("sample_sum", empty)
+  perturbed_rows = jnp.zeros((batch, 0, num_codes), jnp.float32)
+  if config.all_sampled:
+    indices = rows["sample_index"]
+  elif config.sampled:
+    store = _stores_perturbed(config)
+
     def sampled_block(start, size, carry):
       best_s, index_s, sum_s, perturbed_all = carry
-      perturbed, _ = _sampled_block(config, logits, bias, noise, key_data, positions,
-                                    start, size)
-      best, index = _max_and_argmax(perturbed)
-      sum_exp = jnp.sum(jnp.exp(_tempered(perturbed, best, tau)), axis=-1)
-      return (_set_rows(best_s, best[..., 0], start), _set_rows(index_s, index, start),
-              _set_rows(sum_s, sum_exp, start), _set_rows(perturbed_all, perturbed, start))
+      where = _rows(positions, start, size)
+      x = _gather(logits, where).astype(jnp.float32) + bias32
+      perturbed = x + _noise_rows(config, key_data, noise, start, size, num_codes)
+      best, index, sum_exp = sample_stats(perturbed)
+      if store:
+        perturbed_all = _set_rows(perturbed_all, perturbed, start)
+      return (_set_rows(best_s, best, start), _set_rows(index_s, index, start),
+              _set_rows(sum_s, sum_exp, start), perturbed_all)
 
     block = _block_for(config.sampled, config.block * length // config.sampled)
+    floats = jnp.zeros((batch, config.sampled), jnp.float32)
+    if store:
+      perturbed_rows = jnp.zeros((batch, config.sampled, num_codes), jnp.float32)
     sample_best, sample_index, sample_sum, perturbed_rows = _for_blocks(
         config.sampled, block, sampled_block,
-        (sample_best, jnp.zeros((batch, config.sampled), jnp.int32), sample_sum,
-         perturbed_rows))
-    if config.all_sampled:
-      indices = sample_index
-    else:
-      batch_rows = jnp.arange(batch)[:, None]
-      indices = argmax_indices.at[batch_rows, positions].set(sample_index,
-                                                             unique_indices=True)
+        (floats, jnp.zeros((batch, config.sampled), jnp.int32), floats, perturbed_rows))
+    batch_rows = jnp.arange(batch)[:, None]
+    indices = argmax_indices.at[batch_rows, positions].set(sample_index, unique_indices=True)
   quantized = jnp.take(codebook, indices, axis=0).astype(logits.dtype)
   outputs = (quantized, indices, argmax_indices, mean_probs, kl)
-  # The backward pass needs ℓ + g at the stochastic rows: kept (S rows per sample), not
-  # drawn again.
-  residuals = (logits, bias, codebook, positions, tau, best, sum_exp, log_sum1, sample_best,
-               sample_sum, perturbed_rows, indices)
+  residuals = (logits, bias, codebook, noise, key_data, positions, tau, rows["best"],
+               rows["sum_exp"], rows.get("log_sum1", empty), sample_best, sample_sum,
+               perturbed_rows, indices)
   return outputs, residuals
 
 
@@ -361,8 +375,8 @@ def _softmax_backward(tempered, sum_exp, cotangent, tau):
 
 def _quantize_bwd(config: _Config, saved, cotangents):
   (logits_perturbed, bias_perturbed, codebook_perturbed, tau_perturbed), residuals = saved
-  (logits, bias, codebook, positions, tau, best, sum_exp, log_sum1, sample_best, sample_sum,
-   perturbed_rows, indices) = residuals
+  (logits, bias, codebook, noise, key_data, positions, tau, best, sum_exp, log_sum1,
+   sample_best, sample_sum, perturbed_rows, indices) = residuals
   grad_quantized, _, _, grad_mean, grad_kl = cotangents
   batch, length, num_codes = logits.shape
   count = batch * length
@@ -437,12 +451,16 @@ def _quantize_bwd(config: _Config, saved, cotangents):
       grad = grad + kl_cotangent * probs1 * (log_probs1 - neg_entropy)
 
     if sampled:
-      # Stochastic positions: the gradient of softmax((ℓ + g)/τ), with the stored ℓ + g.
+      # Stochastic positions: the gradient of softmax((ℓ + g)/τ).
       if config.all_sampled:
-        perturbed = _rows(perturbed_rows, start, size)
+        perturbed = x + _noise_rows(config, key_data, noise, start, size, num_codes)
         cotangent = one_hot_cotangent
       else:
-        perturbed = _gather(perturbed_rows, jnp.maximum(block_rank, 0))
+        rows_here = jnp.maximum(block_rank, 0)
+        if _stores_perturbed(config):
+          perturbed = _gather(perturbed_rows, rows_here)
+        else:
+          perturbed = x + _gather(noise, rows_here).astype(jnp.float32)
         cotangent = jnp.where(is_sampled, one_hot_cotangent, 0.0)
       grad_x, grad_t = _softmax_backward(
           _tempered(perturbed, _rows(sample_best, start, size)[..., None], tau),
