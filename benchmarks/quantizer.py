@@ -95,8 +95,11 @@ QUANTIZER_FUNCTIONS = {
     "gumbel_unsafe_rbg": ("gumbel", {"prng": "unsafe_rbg"}),
     "regvq_unsafe_rbg": ("regvq", {"prng": "unsafe_rbg"}),
 }
-# Functions timed only when asked for (--functions / --options).
-OPTION_FUNCTIONS = ("gumbel_rbg", "regvq_rbg", "gumbel_unsafe_rbg", "regvq_unsafe_rbg")
+# Functions timed only when asked for (--functions): the PRNG option of Gumbel-VQ and
+# Reg-VQ, and nearest_code's approximate search (approx_min_k).
+OPTION_FUNCTIONS = ("gumbel_rbg", "regvq_rbg", "gumbel_unsafe_rbg", "regvq_unsafe_rbg",
+                    "nearest_approx")
+APPROX_RECALL = 0.95
 TORCH_FUNCTION = "torch_vq"
 RATIO_OF = {  # ratio name -> (numerator, denominator)
     "nearest/matmul": ("nearest_fwd", "matmul_fwd"),
@@ -110,9 +113,10 @@ RATIO_OF = {  # ratio name -> (numerator, denominator)
     "regvq_rbg/matmul": ("regvq_rbg", "matmul_fwd_bwd"),
     "gumbel_unsafe_rbg/matmul": ("gumbel_unsafe_rbg", "matmul_fwd_bwd"),
     "regvq_unsafe_rbg/matmul": ("regvq_unsafe_rbg", "matmul_fwd_bwd"),
+    "nearest_approx/nearest": ("nearest_approx", "nearest_fwd"),
 }
 OPTION_RATIOS = ("gumbel_rbg/matmul", "regvq_rbg/matmul", "gumbel_unsafe_rbg/matmul",
-                 "regvq_unsafe_rbg/matmul")
+                 "regvq_unsafe_rbg/matmul", "nearest_approx/nearest")
 
 
 # ------------------------------------------------------------------------ arguments
@@ -327,6 +331,9 @@ def jax_benches(shape, num_codes, dim, seed, limit_bytes, log,
   def nearest_fwd(z, c):
     return ops.nearest_code(z, c)
 
+  def nearest_approx(z, c):
+    return ops.nearest_code(z, c, recall_target=APPROX_RECALL)
+
   specs: list[tuple[str, Callable, tuple, Callable[[], tuple]]] = []
   z2 = jax.ShapeDtypeStruct((n, dim), f32)
   cb = jax.ShapeDtypeStruct((num_codes, dim), f32)
@@ -345,6 +352,7 @@ def jax_benches(shape, num_codes, dim, seed, limit_bytes, log,
   specs.append(("matmul_fwd_bwd", jax.value_and_grad(matmul_loss, argnums=(0, 1)),
                 (z2, cb, gg), lambda: base_inputs(with_g=True)))
   specs.append(("nearest_fwd", nearest_fwd, (z2, cb), lambda: base_inputs()))
+  specs.append(("nearest_approx", nearest_approx, (z2, cb), lambda: base_inputs()))
 
   for name in QUANTIZER_FUNCTIONS:
     if name not in functions:
@@ -650,6 +658,11 @@ def main(argv=None) -> int:
           "matmul_fwd": "jit(z @ C.T), z [N, D], C [K, D] float32",
           "matmul_fwd_bwd": "jit(value_and_grad(sum(z @ C.T * G), (z, C))), G [N, K]",
           "nearest_fwd": "jit(ops.nearest_code(z, C))",
+          "nearest_approx": f"jit(ops.nearest_code(z, C, recall_target={APPROX_RECALL})): "
+                            "jax.lax.approx_min_k (approximate on TPUs, an exact sort "
+                            "elsewhere); with --functions",
+          "gumbel_rbg / regvq_rbg / *_unsafe_rbg": "gumbel / regvq with prng='rbg' or "
+                                                   "'unsafe_rbg'; with --functions",
           "vq / gumbel / regvq / fq": (
               "jit(value_and_grad(sum(out.quantized * W) + out.total_loss, (params, z))), "
               "build_quantizer(kind, num_codes=K, code_dim=D, in_features=D) with its "

@@ -65,6 +65,26 @@ def test_nearest_code_memory_is_bounded_for_a_huge_codebook():
   assert ours < 2 * 2**30 / 4, f"nearest_code needs {ours / 2**30:.2f} GiB of scratch"
 
 
+@pytest.mark.parametrize("blocks", [False, True])
+def test_nearest_code_approximate_search_meets_its_recall_target(blocks, monkeypatch):
+  """approx_min_k's recall against the brute-force argmin (on TPUs the search is
+  approximate; other backends run it exactly, so there it must find every code)."""
+  if blocks:  # Several row blocks (lax.map), with padding.
+    monkeypatch.setattr(ops.distances, "DEFAULT_MAX_DISTANCE_ENTRIES", 300 * 256)
+  z = np.asarray(jax.random.normal(jax.random.key(2), (2, 500, 16)))
+  codebook = np.asarray(jax.random.normal(jax.random.key(3), (256, 16)))
+  brute = np.argmin(((z[..., None, :] - codebook) ** 2).sum(-1), axis=-1)
+  got = jax.jit(functools.partial(ops.nearest_code, recall_target=0.9))(z, codebook)
+  assert got.shape == brute.shape and got.dtype == jnp.int32
+  recall = float(np.mean(np.asarray(got) == brute))
+  # 1000 rows: 3 standard deviations below the target is a failure.
+  assert recall >= 0.9 - 3 * math.sqrt(0.9 * 0.1 / brute.size), recall
+  if jax.default_backend() != "tpu":
+    assert recall == 1.0
+  with pytest.raises(ValueError, match=r"recall_target must lie in \(0, 1\]"):
+    ops.nearest_code(z, codebook, recall_target=0.0)
+
+
 def test_code_distances_match_direct_differences_in_bfloat16_inputs():
   z = jax.random.normal(jax.random.key(2), (4, 6, 16)).astype(jnp.bfloat16)
   codebook = jax.random.normal(jax.random.key(3), (32, 16)).astype(jnp.bfloat16)

@@ -52,6 +52,20 @@ def test_vq_picks_nearest_codes_with_straight_through_gradient():
   np.testing.assert_allclose(grad, weights, rtol=1e-6)
 
 
+def test_vq_and_fq_approximate_nearest_code_option():
+  z = _features("vq", shape=(8, 8, 8))
+  exact = VectorQuantizer(K, D, rngs=nnx.Rngs(0))
+  approximate = VectorQuantizer(K, D, approx_recall=0.9, rngs=nnx.Rngs(0))
+  recall = float(jnp.mean(approximate(z).indices == exact(z).indices))
+  assert recall >= 0.9 - 3 * math.sqrt(0.09 / 512), recall
+  fq = _build("fq", approx_recall=0.9)
+  assert all(sub.approx_recall == 0.9 for sub in fq.quantizers)
+  problems = registry.get("vq").check({**registry.get("vq").options, "approx_recall": 1.5})
+  assert problems == ["approx_recall=1.5 must lie in (0, 1] (1 = exact)"]
+  with pytest.raises(ValueError, match=r"approx_recall must lie in \(0, 1\]"):
+    VectorQuantizer(K, D, approx_recall=0.0, rngs=nnx.Rngs(0))
+
+
 def test_vq_commitment_gradient_reaches_encoder_with_beta_and_codebook_without():
   quantizer = VectorQuantizer(K, D, beta=0.25, rngs=nnx.Rngs(0))
   z = _features("vq")
@@ -273,6 +287,22 @@ def test_every_quantizer_runs_in_bfloat16_under_jit(kind):
   assert quantized.shape[:-1] == z.shape[:-1]
   assert np.isfinite(np.asarray(quantized, np.float32)).all() and np.isfinite(float(loss))
   assert 0 < float(usage) <= 1
+
+
+@pytest.mark.parametrize("prng", ["rbg", "unsafe_rbg"])
+def test_regvq_prng_option_draws_from_another_generator(prng):
+  """The same key through XLA's RngBitGenerator: other samples, the same mask and rules."""
+  z = _features("regvq", shape=(6, 4, 4))
+  default = _build("regvq")(z, key=jax.random.key(5))
+  other = _build("regvq", prng=prng)(z, key=jax.random.key(5))
+  np.testing.assert_array_equal(default.aux["mask"], other.aux["mask"])
+  unmasked = ~np.asarray(other.aux["mask"])
+  np.testing.assert_array_equal(np.asarray(other.indices)[unmasked],
+                                np.asarray(default.indices)[unmasked])
+  assert (np.asarray(other.indices) != np.asarray(default.indices)).any()
+  options = {**registry.get("gumbel").options, "prng": "philox"}
+  assert registry.get("gumbel").check(options) == [
+      "prng='philox': one of threefry, rbg, unsafe_rbg"]
 
 
 def test_bad_configurations_fail_early_with_clear_messages():
