@@ -344,6 +344,22 @@ def test_gumbel_noise_is_gumbel_for_every_prng(prng):
     ops.gumbel_noise(jax.random.key(0), (2,), prng="philox")
 
 
+def test_threefry_and_gumbel_rows_are_jax_threefry_bit_for_bit():
+  from jax.extend.random import threefry_2x32
+  words = jax.random.bits(jax.random.key(58), (4, 64), jnp.uint32)
+  got = jnp.concatenate(ops.gumbel.threefry2x32(words[0, :1], words[1, :1], words[2], words[3]))
+  np.testing.assert_array_equal(got, threefry_2x32(words[:2, 0], jnp.concatenate(words[2:])))
+  key = jax.random.key(59)
+  for num_codes in (7, 16):  # Odd K pads the counters, as JAX does.
+    bits = threefry_2x32(jax.random.key_data(jax.random.fold_in(key, 5)),
+                         jnp.arange(num_codes, dtype=jnp.uint32))
+    uniform = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000),
+                                           jnp.float32) - 1.0
+    tiny = np.finfo(np.float32).tiny
+    want = -jnp.log(-jnp.log(jnp.maximum(tiny, uniform * (1 - tiny) + tiny)))
+    np.testing.assert_array_equal(ops.gumbel_rows(key, jnp.array([5]), num_codes)[0], want)
+
+
 def test_categorical_quantize_rejects_bad_arguments():
   logits = jnp.zeros((2, 4, 5))
   codebook = jnp.zeros((5, 3))

@@ -5,7 +5,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.extend.random import threefry_2x32
 
 from rvq_jax.ops import _checks
 from rvq_jax.ops.reductions import argmax_last
@@ -42,14 +41,45 @@ def gumbel_noise(key: jax.Array, shape: tuple[int, ...], *, prng: str = "threefr
   return jax.random.gumbel(key, shape, jnp.float32)
 
 
+# Threefry-2x32 with 20 rounds (Salmon et al., SC 2011), as jax.random uses it.
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_KEY_PARITY = 0x1BD11BDA
+
+
+def _rotate_left(x: jax.Array, bits: int) -> jax.Array:
+  return (x << jnp.uint32(bits)) | (x >> jnp.uint32(32 - bits))
+
+
+def threefry2x32(key0: jax.Array, key1: jax.Array, count0: jax.Array,
+                 count1: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The Threefry-2x32-20 block function, elementwise over broadcast uint32 arrays.
+
+  Bit for bit `jax.extend.random.threefry_2x32`, written out: XLA's CPU backend lowers
+  JAX's version as a loop over its 5 groups of 4 rounds that copies its state arrays
+  every turn; unrolled, the whole hash is one elementwise fusion.
+
+  Returns:
+    The two output words.
+  """
+  keys = (key0, key1, key0 ^ key1 ^ jnp.uint32(_KEY_PARITY))
+  x0, x1 = count0 + keys[0], count1 + keys[1]
+  for group in range(5):
+    for rotation in _ROTATIONS[group % 2]:
+      x0 = x0 + x1
+      x1 = _rotate_left(x1, rotation) ^ x0
+    x0 = x0 + keys[(group + 1) % 3]
+    x1 = x1 + keys[(group + 2) % 3] + jnp.uint32(group + 1)
+  return x0, x1
+
+
 def gumbel_rows(key: jax.Array, rows: jax.Array, num_codes: int) -> jax.Array:
   """Gumbel(0, 1) noise rows, each a function of (key, its row id) only.
 
-  Row r is drawn from the key `fold_in(key, r)`, with threefry2x32 counters 0 … K − 1
-  (both output words of each threefry block are used, as JAX's non-partitionable
-  `random_bits` does). So any subset of rows can be drawn in any order or block size
-  and gives the same numbers: the Gumbel noise of Reg-VQ's stochastic positions is
-  defined by their row ids, whatever blocks compute it.
+  Row r is drawn from the key `fold_in(key, r)` with threefry2x32 counters 0 … K − 1,
+  both output words of each block used (JAX's `threefry_2x32(fold_in(key, r),
+  arange(K))`). So any subset of rows can be drawn in any order or block size and gives
+  the same numbers: the Gumbel noise of Reg-VQ's stochastic positions is defined by
+  their row ids, whatever blocks compute it.
 
   Args:
     key: PRNG key (threefry2x32; another kind is first turned into one).
@@ -61,13 +91,17 @@ def gumbel_rows(key: jax.Array, rows: jax.Array, num_codes: int) -> jax.Array:
   """
   if jax.random.key_data(key).shape != (2,):
     key = jax.random.wrap_key_data(jax.random.bits(key, (2,), jnp.uint32), impl="threefry2x32")
-  counts = jnp.arange(num_codes, dtype=jnp.uint32)
-
-  def row(row_id):
-    pair = jax.random.key_data(jax.random.fold_in(key, row_id))
-    return threefry_2x32(pair, counts)
-
-  bits = jax.vmap(row)(rows.reshape(-1).astype(jnp.uint32))
+  key0, key1 = jax.random.key_data(key).astype(jnp.uint32)
+  ids = rows.reshape(-1, 1).astype(jnp.uint32)
+  # fold_in(key, r): the block of counter (0, r).
+  row0, row1 = threefry2x32(key0, key1, jnp.zeros_like(ids), ids)
+  # Counters 0 … K − 1 (padded to even), the first half as word 0, the second as word 1.
+  half = (num_codes + 1) // 2
+  counts = jnp.arange(2 * half, dtype=jnp.uint32)
+  if num_codes % 2:
+    counts = counts.at[-1].set(0)
+  bits0, bits1 = threefry2x32(row0, row1, counts[:half], counts[half:])
+  bits = jnp.concatenate([bits0, bits1], axis=-1)[:, :num_codes]
   # JAX's uniform on [tiny, 1): 23 random mantissa bits, then the Gumbel transform.
   mantissa = (bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000)
   uniform = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0
