@@ -274,7 +274,6 @@ def test_categorical_quantize_equals_the_two_branch_definition(mode, source, blo
     gumbel = ops.GumbelSource(noise=noise)
   block_entries = None if blocks is None else blocks * batch * num_codes
 
-  @jax.jit
   def fused(logits, bias, codebook, tau):
     out = ops.categorical_quantize(logits, codebook, bias=bias, tau=tau, gumbel=gumbel,
                                    positions=positions, per_position_kl=True,
@@ -283,26 +282,31 @@ def test_categorical_quantize_equals_the_two_branch_definition(mode, source, blo
               out.per_position_kl)
     return losses, (out.indices, out.argmax_indices)
 
-  @jax.jit
   def reference(logits, bias, codebook, tau):
     quantized, indices, prior_kl, per_position_kl = _two_branch(
         logits + bias, codebook, tau, full_noise, mask)
     losses = (jnp.sum(weights * quantized), prior_kl, per_position_kl)
     return losses, (indices, jnp.argmax(logits + bias, -1))
 
+  @functools.partial(jax.jit, static_argnums=0)
+  def evaluate(fn, *args):
+    """Values, and the gradients (logits, bias, codebook, τ) of the quantized output alone
+    (p̄ and the KL get symbolic-zero cotangents) and of all three losses."""
+    def total(weights, *args):
+      return sum(w * v for w, v in zip(weights, fn(*args)[0]) if w)
+    grads = [jax.grad(functools.partial(total, w), argnums=(0, 1, 2, 3))(*args)
+             for w in ((1.0, 0.0, 0.0), (1.0, 0.3, 0.2))]
+    return fn(*args), grads
+
   args = (logits, bias, codebook, tau)
-  (got, got_indices), (want, want_indices) = fused(*args), reference(*args)
+  ((got, got_indices), got_grads), ((want, want_indices), want_grads) = (
+      evaluate(fused, *args), evaluate(reference, *args))
   np.testing.assert_array_equal(got_indices[0], want_indices[0])
   np.testing.assert_array_equal(got_indices[1], want_indices[1])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   if mode != "none":
     assert (np.asarray(got_indices[0]) != np.asarray(got_indices[1])).any()
-  # The quantized output alone (p̄ and the KL get symbolic-zero cotangents), then all three.
-  for combination in ((1.0, 0.0, 0.0), (1.0, 0.3, 0.2)):
-    def total(fn, *args, combination=combination):
-      return sum(c * v for c, v in zip(combination, fn(*args)[0]) if c)
-    grads = jax.jit(jax.grad(lambda *a: total(fused, *a), argnums=(0, 1, 2, 3)))(*args)
-    wants = jax.jit(jax.grad(lambda *a: total(reference, *a), argnums=(0, 1, 2, 3)))(*args)
+  for grads, wants in zip(got_grads, want_grads):
     for g, w in zip(grads, wants):
       np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
@@ -329,13 +333,13 @@ def test_categorical_quantize_samples_follow_softmax_at_stochastic_positions_onl
 
 @pytest.mark.parametrize("prng", ops.PRNG_IMPLS)
 def test_gumbel_noise_is_gumbel_for_every_prng(prng):
-  noise = np.asarray(ops.gumbel_noise(jax.random.key(57), (20, 2500), prng=prng))
+  draw = jax.jit(functools.partial(ops.gumbel_noise, shape=(20, 2500), prng=prng))
+  noise = np.asarray(draw(jax.random.key(57)))
   assert noise.dtype == np.float32
   # Kolmogorov-Smirnov against Gumbel(0, 1); rows independent of each other.
   assert stats.kstest(noise.reshape(-1), stats.gumbel_r.cdf).pvalue > 1e-4
   assert abs(np.corrcoef(noise[0], noise[1])[0, 1]) < 0.1
-  again = ops.gumbel_noise(jax.random.key(57), (20, 2500), prng=prng)
-  np.testing.assert_array_equal(noise, again)
+  np.testing.assert_array_equal(noise, draw(jax.random.key(57)))
   if prng == "threefry":
     # Any rows, in any order: what the op draws block by block.
     np.testing.assert_array_equal(ops.gumbel_rows(jax.random.key(57), jnp.array([7, 2]), 2500),
@@ -349,15 +353,21 @@ def test_threefry_and_gumbel_rows_are_jax_threefry_bit_for_bit():
   words = jax.random.bits(jax.random.key(58), (4, 64), jnp.uint32)
   got = jnp.concatenate(ops.gumbel.threefry2x32(words[0, :1], words[1, :1], words[2], words[3]))
   np.testing.assert_array_equal(got, threefry_2x32(words[:2, 0], jnp.concatenate(words[2:])))
-  key = jax.random.key(59)
-  for num_codes in (7, 16):  # Odd K pads the counters, as JAX does.
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def jax_gumbel_row(key, num_codes):
     bits = threefry_2x32(jax.random.key_data(jax.random.fold_in(key, 5)),
                          jnp.arange(num_codes, dtype=jnp.uint32))
     uniform = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000),
                                            jnp.float32) - 1.0
-    tiny = np.finfo(np.float32).tiny
-    want = -jnp.log(-jnp.log(jnp.maximum(tiny, uniform * (1 - tiny) + tiny)))
-    np.testing.assert_array_equal(ops.gumbel_rows(key, jnp.array([5]), num_codes)[0], want)
+    tiny = jnp.finfo(jnp.float32).tiny
+    return -jnp.log(-jnp.log(jnp.maximum(tiny, uniform * (1 - tiny) + tiny)))
+
+  key = jax.random.key(59)
+  rows = jax.jit(ops.gumbel_rows, static_argnums=2)
+  for num_codes in (7, 16):  # Odd K pads the counters, as JAX does.
+    np.testing.assert_array_equal(rows(key, jnp.array([5]), num_codes)[0],
+                                  jax_gumbel_row(key, num_codes))
 
 
 def test_categorical_quantize_rejects_bad_arguments():

@@ -177,8 +177,9 @@ def categorical_quantize(
   config = _Config(sampled=sampled, all_sampled=sampled == length and sampled > 0,
                    per_position_kl=per_position_kl, block=_block_for(length, block),
                    key_impl=key_impl)
-  return CategoricalQuantized(*_quantize(config, logits, bias, codebook, noise, key_data,
-                                         positions.astype(jnp.int32), tau))
+  # Jitted so that eager calls run one program, not one dispatch per operation.
+  return CategoricalQuantized(*_quantize_jit(config, logits, bias, codebook, noise, key_data,
+                                             positions.astype(jnp.int32), tau))
 
 
 class _Config(NamedTuple):
@@ -479,4 +480,5 @@ def _quantize_bwd(config: _Config, saved, cotangents):
 
 
 _quantize.defvjp(_quantize_fwd, _quantize_bwd, symbolic_zeros=True)
+_quantize_jit = jax.jit(_quantize, static_argnums=0)
 

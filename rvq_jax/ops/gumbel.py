@@ -50,13 +50,15 @@ def _rotate_left(x: jax.Array, bits: int) -> jax.Array:
   return (x << jnp.uint32(bits)) | (x >> jnp.uint32(32 - bits))
 
 
+@jax.jit
 def threefry2x32(key0: jax.Array, key1: jax.Array, count0: jax.Array,
                  count1: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The Threefry-2x32-20 block function, elementwise over broadcast uint32 arrays.
 
   Bit for bit `jax.extend.random.threefry_2x32`, written out: XLA's CPU backend lowers
   JAX's version as a loop over its 5 groups of 4 rounds that copies its state arrays
-  every turn; unrolled, the whole hash is one elementwise fusion.
+  every turn; unrolled, the whole hash is one elementwise fusion. (Jitted: eager calls
+  run it as one program.)
 
   Returns:
     The two output words.
