@@ -286,11 +286,14 @@ def _forward(config: _Config, logits, bias, codebook, noise, key_data, positions
     prob_sum = prob_sum + jnp.sum(exp / sum_exp, axis=1)
     new = {"best": best[..., 0], "argmax": argmax, "sum_exp": sum_exp[..., 0]}
     if config.per_position_kl:
+      # Σ_k p_k log p_k = Σ_k e_k (ℓ_k − m) / Σ_k e_k − log Σ_k e_k, e = exp(ℓ − m): one
+      # exp per entry, with the argmax's row max.
       centered = x - best
-      log_sum1 = jnp.log(jnp.sum(jnp.exp(centered), axis=-1, keepdims=True))
-      log_probs1 = centered - log_sum1
-      kl_sum = kl_sum + jnp.sum(jnp.exp(log_probs1) * log_probs1, axis=(1, 2))
-      new["log_sum1"] = log_sum1[..., 0]
+      exp1 = jnp.exp(centered)
+      sum1 = jnp.sum(exp1, axis=-1)
+      log_sum1 = jnp.log(sum1)
+      kl_sum = kl_sum + jnp.sum(jnp.sum(exp1 * centered, axis=-1) / sum1 - log_sum1, axis=1)
+      new["log_sum1"] = log_sum1
     if config.all_sampled:
       perturbed = x + _noise_rows(config, key_data, noise, start, size, num_codes)
       new["sample_best"], new["sample_index"], new["sample_sum"] = sample_stats(perturbed)
