@@ -18,13 +18,16 @@ gradients from what the formulas need:
 * no one-hot: z_q = codebook[indices] (a gather); backward, the one-hot's cotangent is
   ∂L/∂z_q · codebookᵀ and the codebook's the scatter-add of ∂L/∂z_q;
 * a bias of the logits (the projection's) is added inside, never as an [N, K] pass;
-* the backward pass recomputes the softmaxes and the Gumbel noise instead of storing them.
+* the backward pass recomputes the softmaxes from ℓ and per-position maxima and sums;
+  it reads ℓ + g of Reg-VQ's stochastic rows kept by the forward pass ([B, S, K]), and
+  draws Gumbel-VQ's noise (every position) again rather than keep a new [N, K] array.
 
-On the CPU every [N, K] array that reaches memory costs about as much per entry as a
-D = 256 matmul (memory traffic and page faults; benchmarks/README.md), so there the
-work runs over blocks of positions small enough to stay in cache (`block_entries`):
-ℓ is read once forward and once backward, ∂L/∂ℓ written once, and ∂L/∂z_q · codebookᵀ
-is formed block by block, never whole. Other backends take all positions in one block.
+On the CPU an [N, K] pass through memory costs a sizeable fraction of a D = 256 matmul
+(memory traffic and page faults; docs/results/quantizer_profile.md), so there the work
+runs over blocks of positions small enough to stay in cache (`block_entries`): forward,
+one pass over ℓ and one over its gathered stochastic rows; backward, one pass that forms
+∂L/∂z_q · codebookᵀ block by block (never whole) and writes ∂L/∂ℓ over ℓ in place.
+Other backends take all positions in one block.
 
 Statistics over positions (p̄) are sums over the whole array, so under `jax.jit` with a
 batch-sharded input they span the global batch.
