@@ -84,6 +84,22 @@ TORCH_VQ_KWARGS = dict(
 
 # Names of the timed functions, in table order.
 JAX_FUNCTIONS = ("matmul_fwd", "matmul_fwd_bwd", "nearest_fwd", "vq", "gumbel", "regvq", "fq")
+# The quantizer functions: name -> (kind, options that differ from the kind's defaults).
+QUANTIZER_FUNCTIONS = {
+    "vq": ("vq", {}),
+    "gumbel": ("gumbel", {}),
+    "regvq": ("regvq", {}),
+    "fq": ("fq", {}),
+    "gumbel_rbg": ("gumbel", {"prng": "rbg"}),
+    "regvq_rbg": ("regvq", {"prng": "rbg"}),
+    "gumbel_unsafe_rbg": ("gumbel", {"prng": "unsafe_rbg"}),
+    "regvq_unsafe_rbg": ("regvq", {"prng": "unsafe_rbg"}),
+}
+# Functions timed only when asked for (--functions): the PRNG option of Gumbel-VQ and
+# Reg-VQ, and nearest_code's approximate search (approx_min_k).
+OPTION_FUNCTIONS = ("gumbel_rbg", "regvq_rbg", "gumbel_unsafe_rbg", "regvq_unsafe_rbg",
+                    "nearest_approx")
+APPROX_RECALL = 0.95
 TORCH_FUNCTION = "torch_vq"
 RATIO_OF = {  # ratio name -> (numerator, denominator)
     "nearest/matmul": ("nearest_fwd", "matmul_fwd"),
@@ -92,7 +108,15 @@ RATIO_OF = {  # ratio name -> (numerator, denominator)
     "regvq/matmul": ("regvq", "matmul_fwd_bwd"),
     "fq/matmul": ("fq", "matmul_fwd_bwd"),
     "vq/torch_vq": ("vq", TORCH_FUNCTION),
+    # Options, timed with --functions (see OPTION_FUNCTIONS).
+    "gumbel_rbg/matmul": ("gumbel_rbg", "matmul_fwd_bwd"),
+    "regvq_rbg/matmul": ("regvq_rbg", "matmul_fwd_bwd"),
+    "gumbel_unsafe_rbg/matmul": ("gumbel_unsafe_rbg", "matmul_fwd_bwd"),
+    "regvq_unsafe_rbg/matmul": ("regvq_unsafe_rbg", "matmul_fwd_bwd"),
+    "nearest_approx/nearest": ("nearest_approx", "nearest_fwd"),
 }
+OPTION_RATIOS = ("gumbel_rbg/matmul", "regvq_rbg/matmul", "gumbel_unsafe_rbg/matmul",
+                 "regvq_unsafe_rbg/matmul", "nearest_approx/nearest")
 
 
 # ------------------------------------------------------------------------ arguments
@@ -134,6 +158,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--min-sample-ms", type=float, default=20.0,
                       help="a sample of a fast function repeats calls until it lasts this long "
                            "(default %(default)s)")
+  parser.add_argument("--functions", default=",".join(JAX_FUNCTIONS),
+                      help="JAX functions to time, comma-separated; 'all' adds the options "
+                           f"({', '.join(OPTION_FUNCTIONS)}) (default: the table's)")
   parser.add_argument("--no-torch", action="store_true",
                       help="skip the vector-quantize-pytorch comparison")
   parser.add_argument("--seed", type=int, default=0)
@@ -151,6 +178,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.reps = 3 if args.quick else 5
   if args.reps < 1:
     parser.error("--reps must be >= 1")
+  known = JAX_FUNCTIONS + OPTION_FUNCTIONS
+  args.functions = (known if args.functions == "all"
+                    else tuple(f for f in args.functions.split(",") if f))
+  unknown = [f for f in args.functions if f not in known]
+  if unknown:
+    parser.error(f"--functions: unknown {unknown}; choose from {', '.join(known)}")
   if args.out is None:
     suffix = "_quick" if args.quick else ""
     args.out = os.path.join(_REPO, "benchmarks", "results",
@@ -215,6 +248,7 @@ class Bench:
 
   name: str
   call: Callable[[], Any] | None = None   # runs once and blocks until done
+  compiled: Any = None                    # the XLA executable (JAX functions)
   status: str = "ok"                      # 'ok' or 'skipped (...)' / 'failed (...)'
   compile_s: float | None = None
   first_call_s: float | None = None
@@ -268,8 +302,10 @@ def _quantizer_loss(graphdef):
   return jax.value_and_grad(loss, argnums=(0, 2))
 
 
-def _quantizer_config(kind: str, num_codes: int, code_dim: int) -> dict[str, Any]:
+def _quantizer_config(kind: str, num_codes: int, code_dim: int,
+                      **overrides) -> dict[str, Any]:
   options = dict(registry.get(kind).options)
+  options.update(overrides)
   if kind == "fq":
     # The table's FQ row times plain (Euclidean, no entropy loss) VQ sub-codebooks, as
     # it always has; FQGAN's cosine codes and entropy loss are options on top.
@@ -277,8 +313,9 @@ def _quantizer_config(kind: str, num_codes: int, code_dim: int) -> dict[str, Any
   return {"kind": kind, "num_codes": num_codes, "code_dim": code_dim, kind: options}
 
 
-def jax_benches(shape, num_codes, dim, seed, limit_bytes, log) -> tuple[list[Bench], Callable]:
-  """Compiles every JAX function of a cell; inputs are made only for those that fit."""
+def jax_benches(shape, num_codes, dim, seed, limit_bytes, log,
+                functions=JAX_FUNCTIONS) -> tuple[list[Bench], Callable]:
+  """Compiles the JAX `functions` of a cell; inputs are made only for those that fit."""
   batch, height, width = shape
   n = batch * height * width
   f32 = jnp.float32
@@ -293,6 +330,9 @@ def jax_benches(shape, num_codes, dim, seed, limit_bytes, log) -> tuple[list[Ben
 
   def nearest_fwd(z, c):
     return ops.nearest_code(z, c)
+
+  def nearest_approx(z, c):
+    return ops.nearest_code(z, c, recall_target=APPROX_RECALL)
 
   specs: list[tuple[str, Callable, tuple, Callable[[], tuple]]] = []
   z2 = jax.ShapeDtypeStruct((n, dim), f32)
@@ -312,11 +352,15 @@ def jax_benches(shape, num_codes, dim, seed, limit_bytes, log) -> tuple[list[Ben
   specs.append(("matmul_fwd_bwd", jax.value_and_grad(matmul_loss, argnums=(0, 1)),
                 (z2, cb, gg), lambda: base_inputs(with_g=True)))
   specs.append(("nearest_fwd", nearest_fwd, (z2, cb), lambda: base_inputs()))
+  specs.append(("nearest_approx", nearest_approx, (z2, cb), lambda: base_inputs()))
 
-  for kind in ("vq", "gumbel", "regvq", "fq"):
+  for name in QUANTIZER_FUNCTIONS:
+    if name not in functions:
+      continue
+    kind, overrides = QUANTIZER_FUNCTIONS[name]
     features = 2 * dim if kind == "fq" else dim
-    model = build_quantizer(_quantizer_config(kind, num_codes, dim), in_features=dim,
-                            rngs=nnx.Rngs(seed))
+    model = build_quantizer(_quantizer_config(kind, num_codes, dim, **overrides),
+                            in_features=dim, rngs=nnx.Rngs(seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     key = jax.random.key(seed + 1)
     grid = (batch, height, width, features)
@@ -330,11 +374,13 @@ def jax_benches(shape, num_codes, dim, seed, limit_bytes, log) -> tuple[list[Ben
         inputs["w" + name] = jax.random.normal(keys[4], grid, f32)
       return (params, rest, inputs[name], inputs["w" + name], key)
 
-    specs.append((kind, _quantizer_loss(graphdef),
+    specs.append((name, _quantizer_loss(graphdef),
                   (_abstract(params), _abstract(rest), zs, zs, _abstract(key)), make))
 
   benches = []
   for name, fn, abstract_args, make_args in specs:
+    if name not in functions:
+      continue
     bench = Bench(name)
     benches.append(bench)
     start = time.perf_counter()
@@ -345,6 +391,7 @@ def jax_benches(shape, num_codes, dim, seed, limit_bytes, log) -> tuple[list[Ben
       log(f"    {name}: compile failed: {e}")
       continue
     bench.compile_s = time.perf_counter() - start
+    bench.compiled = compiled
     bench.memory = _memory_stats(compiled)
     bench.peak_bytes = None if bench.memory is None else bench.memory["peak_bytes"]
     if bench.peak_bytes is not None and bench.peak_bytes > limit_bytes:
@@ -541,7 +588,20 @@ def markdown_tables(cells: list[dict[str, Any]]) -> str:
     torch_text = ("—" if torch_b is None else torch_b.status if torch_b.first_call_s is None
                   else f"{torch_b.first_call_s:.2f}")
     warm.append(f"| {n} | {k} | {d} | {compile_text} | {torch_text} |")
-  return "\n".join(lines) + "\n\nWarm-up (excluded from the timings above):\n\n" + "\n".join(warm)
+  text = "\n".join(lines) + "\n\nWarm-up (excluded from the timings above):\n\n" + "\n".join(warm)
+  measured = [name for name in OPTION_RATIOS
+              if any(c.get("ratios", {}).get(name) is not None for c in cells)]
+  if measured:
+    option_lines = ["| N | K | D | " + " | ".join(measured) + " |",
+                    "|---|---|---|" + "---|" * len(measured)]
+    for cell in cells:
+      if cell["status"] == "ok":
+        values = [cell["ratios"].get(name) for name in measured]
+        option_lines.append(f"| {cell['N']} | {cell['K']} | {cell['D']} | " + " | ".join(
+            "—" if v is None else f"{v:.2f}" for v in values) + " |")
+    text += ("\n\nOptions (fwd+bwd ÷ matmul fwd+bwd, same rounds):\n\n"
+             + "\n".join(option_lines))
+  return text
 
 
 def write_json(path: str, meta: dict[str, Any], cells: list[dict[str, Any]]) -> None:
@@ -585,6 +645,7 @@ def main(argv=None) -> int:
       "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
       "environment": environment(torch="torch", vector_quantize_pytorch="vector-quantize-pytorch"),
       "settings": {
+          "functions": list(args.functions),
           "tokens": [list(s) for s in args.tokens], "codes": list(args.codes),
           "dims": list(args.dims), "max_gflop": args.max_gflop,
           "max_memory_gb": args.max_memory_gb, "reps": args.reps,
@@ -597,6 +658,11 @@ def main(argv=None) -> int:
           "matmul_fwd": "jit(z @ C.T), z [N, D], C [K, D] float32",
           "matmul_fwd_bwd": "jit(value_and_grad(sum(z @ C.T * G), (z, C))), G [N, K]",
           "nearest_fwd": "jit(ops.nearest_code(z, C))",
+          "nearest_approx": f"jit(ops.nearest_code(z, C, recall_target={APPROX_RECALL})): "
+                            "jax.lax.approx_min_k (approximate on TPUs, an exact sort "
+                            "elsewhere); with --functions",
+          "gumbel_rbg / regvq_rbg / *_unsafe_rbg": "gumbel / regvq with prng='rbg' or "
+                                                   "'unsafe_rbg'; with --functions",
           "vq / gumbel / regvq / fq": (
               "jit(value_and_grad(sum(out.quantized * W) + out.total_loss, (params, z))), "
               "build_quantizer(kind, num_codes=K, code_dim=D, in_features=D) with its "
@@ -646,7 +712,10 @@ def main(argv=None) -> int:
       continue
 
     cell_start = time.perf_counter()
-    benches, release_jax = jax_benches(shape, num_codes, dim, args.seed, limit_bytes, log)
+    benches, release_jax = jax_benches(shape, num_codes, dim, args.seed, limit_bytes, log,
+                                       args.functions)
+    benches += [Bench(name, status="skipped (--functions)") for name in JAX_FUNCTIONS
+                if name not in args.functions]
     release_torch = lambda: None  # noqa: E731
     if torch_note is None:
       tb, release_torch = torch_bench(shape, num_codes, dim, args.seed, limit_bytes, threads, log)
@@ -658,7 +727,7 @@ def main(argv=None) -> int:
     release_torch()
     results = {b.name: b for b in benches}
     for b in benches:
-      b.call = None
+      b.call = b.compiled = None
     gc.collect()
 
     ratios = {name: _ratio(results, name) for name in RATIO_OF}

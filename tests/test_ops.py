@@ -1,4 +1,5 @@
 """Properties of the pure quantizer ops, each against an independent reference."""
+import functools
 import math
 
 import jax
@@ -62,6 +63,26 @@ def test_nearest_code_memory_is_bounded_for_a_huge_codebook():
   ours = temp_bytes(ops.nearest_code)
   assert temp_bytes(naive) >= 4 * 2**30  # The measurement sees a full [N, K] matrix.
   assert ours < 2 * 2**30 / 4, f"nearest_code needs {ours / 2**30:.2f} GiB of scratch"
+
+
+@pytest.mark.parametrize("blocks", [False, True])
+def test_nearest_code_approximate_search_meets_its_recall_target(blocks, monkeypatch):
+  """approx_min_k's recall against the brute-force argmin (on TPUs the search is
+  approximate; other backends run it exactly, so there it must find every code)."""
+  if blocks:  # Several row blocks (lax.map), with padding.
+    monkeypatch.setattr(ops.distances, "DEFAULT_MAX_DISTANCE_ENTRIES", 300 * 256)
+  z = np.asarray(jax.random.normal(jax.random.key(2), (2, 500, 16)))
+  codebook = np.asarray(jax.random.normal(jax.random.key(3), (256, 16)))
+  brute = np.argmin(((z[..., None, :] - codebook) ** 2).sum(-1), axis=-1)
+  got = jax.jit(functools.partial(ops.nearest_code, recall_target=0.9))(z, codebook)
+  assert got.shape == brute.shape and got.dtype == jnp.int32
+  recall = float(np.mean(np.asarray(got) == brute))
+  # 1000 rows: 3 standard deviations below the target is a failure.
+  assert recall >= 0.9 - 3 * math.sqrt(0.9 * 0.1 / brute.size), recall
+  if jax.default_backend() != "tpu":
+    assert recall == 1.0
+  with pytest.raises(ValueError, match=r"recall_target must lie in \(0, 1\]"):
+    ops.nearest_code(z, codebook, recall_target=0.0)
 
 
 def test_code_distances_match_direct_differences_in_bfloat16_inputs():
@@ -197,6 +218,175 @@ def test_masked_select_broadcasts_and_routes_gradients():
   np.testing.assert_array_equal(grad[..., 1], [[1, 0, 1]])
   with pytest.raises(ValueError, match="prefix"):
     ops.masked_select(jnp.ones((3,), bool), stochastic, deterministic)
+
+
+def test_stochastic_positions_are_the_mask_of_the_same_key():
+  key = jax.random.key(15)
+  positions = np.asarray(ops.stochastic_positions(key, 6, 20, 0.4))
+  assert positions.shape == (6, 8) and positions.dtype == np.int32
+  assert all(len(set(row)) == 8 for row in positions)
+  mask = np.asarray(ops.stochastic_mask(key, 6, 20, 0.4))
+  np.testing.assert_array_equal(np.asarray(ops.positions_to_mask(positions, 20)), mask)
+  with pytest.raises(TypeError, match="static count"):
+    jax.jit(lambda r: ops.stochastic_positions(key, 2, 8, r))(0.5)
+
+
+# ---------------------------------------------------------------- categorical quantization
+
+
+def _two_branch(logits, codebook, tau, noise, mask):
+  """method.md's definition, branch by branch, from the unfused ops."""
+  sampled, _ = ops.gumbel_softmax(None, logits, tau=tau, noise=noise)
+  argmax, _ = ops.straight_through_argmax(logits, tau=tau)
+  one_hot = ops.masked_select(mask, sampled, argmax)
+  prior_kl = ops.kl_to_uniform(jax.nn.softmax(logits / tau))
+  per_position_kl = ops.per_position_kl_to_uniform(jax.nn.softmax(logits))
+  return one_hot @ codebook, jnp.argmax(one_hot, -1), prior_kl, per_position_kl
+
+
+@pytest.mark.parametrize("mode,source,blocks", [
+    ("none", None, None), ("rows", "key", 2), ("rows", "noise", None), ("all", "key", 4)])
+def test_categorical_quantize_equals_the_two_branch_definition(mode, source, blocks):
+  """Value and gradient (logits, bias, codebook, τ) of every output against the unfused
+  ops with the same Gumbel noise: the op's rows of noise scattered into a full array.
+  `blocks` positions per block run the block loops (L = 7: 4 leaves a remainder)."""
+  batch, length, num_codes, dim = 3, 7, 11, 4
+  logits = 2.0 * jax.random.normal(jax.random.key(50), (batch, length, num_codes))
+  bias = jax.random.normal(jax.random.key(49), (num_codes,))
+  codebook = jax.random.normal(jax.random.key(51), (num_codes, dim))
+  weights = jax.random.normal(jax.random.key(52), (batch, length, dim))
+  tau = jnp.float32(0.7)
+  key = jax.random.key(54)
+  positions = gumbel = None
+  full_noise = jnp.zeros(logits.shape)
+  mask = jnp.zeros((batch, length), bool)
+  if mode == "rows":
+    positions = ops.stochastic_positions(jax.random.key(53), batch, length, 0.5)
+    noise = ops.gumbel_noise(key, (batch, 4, num_codes))
+    full_noise = full_noise.at[jnp.arange(batch)[:, None], positions].set(noise)
+    mask = ops.positions_to_mask(positions, length)
+  elif mode == "all":
+    noise = full_noise = ops.gumbel_noise(key, logits.shape)
+    mask = jnp.ones((batch, length), bool)
+  if source == "key":
+    gumbel = ops.GumbelSource(key=key)
+  elif source == "noise":
+    gumbel = ops.GumbelSource(noise=noise)
+  block_entries = None if blocks is None else blocks * batch * num_codes
+
+  def fused(logits, bias, codebook, tau):
+    out = ops.categorical_quantize(logits, codebook, bias=bias, tau=tau, gumbel=gumbel,
+                                   positions=positions, per_position_kl=True,
+                                   block_entries=block_entries)
+    losses = (jnp.sum(weights * out.quantized), ops.kl_to_uniform(out.mean_probs),
+              out.per_position_kl)
+    return losses, (out.indices, out.argmax_indices)
+
+  def reference(logits, bias, codebook, tau):
+    quantized, indices, prior_kl, per_position_kl = _two_branch(
+        logits + bias, codebook, tau, full_noise, mask)
+    losses = (jnp.sum(weights * quantized), prior_kl, per_position_kl)
+    return losses, (indices, jnp.argmax(logits + bias, -1))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def evaluate(fn, *args):
+    """Values, and the gradients (logits, bias, codebook, τ) of the quantized output alone
+    (p̄ and the KL get symbolic-zero cotangents) and of all three losses."""
+    def total(weights, *args):
+      return sum(w * v for w, v in zip(weights, fn(*args)[0]) if w)
+    grads = [jax.grad(functools.partial(total, w), argnums=(0, 1, 2, 3))(*args)
+             for w in ((1.0, 0.0, 0.0), (1.0, 0.3, 0.2))]
+    return fn(*args), grads
+
+  args = (logits, bias, codebook, tau)
+  ((got, got_indices), got_grads), ((want, want_indices), want_grads) = (
+      evaluate(fused, *args), evaluate(reference, *args))
+  np.testing.assert_array_equal(got_indices[0], want_indices[0])
+  np.testing.assert_array_equal(got_indices[1], want_indices[1])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  if mode != "none":
+    assert (np.asarray(got_indices[0]) != np.asarray(got_indices[1])).any()
+  for grads, wants in zip(got_grads, want_grads):
+    for g, w in zip(grads, wants):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_categorical_quantize_samples_follow_softmax_at_stochastic_positions_only():
+  """χ² of the tokens at stochastic positions against softmax(ℓ) (= softmax(ℓ/τ) at the
+  default τ = 1; the hard sample argmax(ℓ + g) does not depend on τ), and the argmax at
+  every other position. The noise is drawn inside the op, block by block."""
+  base = jnp.array([1.0, 0.0, -1.0, 2.0, 0.5, -3.0])
+  batch, length = 2000, 10
+  logits = jnp.broadcast_to(base, (batch, length, 6))
+  positions = ops.stochastic_positions(jax.random.key(55), batch, length, 0.3)
+  out = jax.jit(functools.partial(
+      ops.categorical_quantize, gumbel=ops.GumbelSource(key=jax.random.key(56)),
+      block_entries=6 * 4 * batch))(logits, jnp.eye(6), positions=positions)
+  mask = np.asarray(ops.positions_to_mask(positions, length))
+  indices = np.asarray(out.indices)
+  np.testing.assert_array_equal(indices[~mask], 3)
+  observed = np.bincount(indices[mask], minlength=6)
+  expected = np.asarray(jax.nn.softmax(base), np.float64) * mask.sum()
+  chi_square = np.sum((observed - expected) ** 2 / expected)
+  assert chi_square < stats.chi2.ppf(1 - 1e-4, df=5), (observed, expected)
+
+
+@pytest.mark.parametrize("prng", ops.PRNG_IMPLS)
+def test_gumbel_noise_is_gumbel_for_every_prng(prng):
+  draw = jax.jit(functools.partial(ops.gumbel_noise, shape=(20, 2500), prng=prng))
+  noise = np.asarray(draw(jax.random.key(57)))
+  assert noise.dtype == np.float32
+  # Kolmogorov-Smirnov against Gumbel(0, 1); rows independent of each other.
+  assert stats.kstest(noise.reshape(-1), stats.gumbel_r.cdf).pvalue > 1e-4
+  assert abs(np.corrcoef(noise[0], noise[1])[0, 1]) < 0.1
+  np.testing.assert_array_equal(noise, draw(jax.random.key(57)))
+  if prng == "threefry":
+    # Any rows, in any order: what the op draws block by block.
+    np.testing.assert_array_equal(ops.gumbel_rows(jax.random.key(57), jnp.array([7, 2]), 2500),
+                                  noise[[7, 2]])
+  with pytest.raises(ValueError, match="prng must be one of"):
+    ops.gumbel_noise(jax.random.key(0), (2,), prng="philox")
+
+
+def test_threefry_and_gumbel_rows_are_jax_threefry_bit_for_bit():
+  from jax.extend.random import threefry_2x32
+  words = jax.random.bits(jax.random.key(58), (4, 64), jnp.uint32)
+  got = jnp.concatenate(ops.gumbel.threefry2x32(words[0, :1], words[1, :1], words[2], words[3]))
+  np.testing.assert_array_equal(got, threefry_2x32(words[:2, 0], jnp.concatenate(words[2:])))
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def jax_gumbel_row(key, num_codes):
+    bits = threefry_2x32(jax.random.key_data(jax.random.fold_in(key, 5)),
+                         jnp.arange(num_codes, dtype=jnp.uint32))
+    uniform = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000),
+                                           jnp.float32) - 1.0
+    tiny = jnp.finfo(jnp.float32).tiny
+    return -jnp.log(-jnp.log(jnp.maximum(tiny, uniform * (1 - tiny) + tiny)))
+
+  key = jax.random.key(59)
+  rows = jax.jit(ops.gumbel_rows, static_argnums=2)
+  for num_codes in (7, 16):  # Odd K pads the counters, as JAX does.
+    np.testing.assert_array_equal(rows(key, jnp.array([5]), num_codes)[0],
+                                  jax_gumbel_row(key, num_codes))
+
+
+def test_categorical_quantize_rejects_bad_arguments():
+  logits = jnp.zeros((2, 4, 5))
+  codebook = jnp.zeros((5, 3))
+  source = ops.GumbelSource(key=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"logits must be \[B, L, K\]"):
+    ops.categorical_quantize(logits[0], codebook)
+  with pytest.raises(ValueError, match="classes but the codebook has"):
+    ops.categorical_quantize(logits, codebook[:4])
+  with pytest.raises(ValueError, match="need a Gumbel noise source"):
+    ops.categorical_quantize(logits, codebook, positions=jnp.zeros((2, 1), jnp.int32))
+  with pytest.raises(ValueError, match=r"noise must be \[B, S, K\]"):
+    ops.categorical_quantize(logits, codebook, gumbel=ops.GumbelSource(noise=jnp.zeros((2, 2, 5))),
+                             positions=jnp.zeros((2, 1), jnp.int32))
+  with pytest.raises(ValueError, match="exactly one of key= and noise="):
+    ops.categorical_quantize(logits, codebook, gumbel=ops.GumbelSource())
+  with pytest.raises(ValueError, match=r"bias must be \[K=5\]"):
+    ops.categorical_quantize(logits, codebook, bias=jnp.zeros(4), gumbel=source)
 
 
 # ---------------------------------------------------------------- KL and entropy

@@ -1,4 +1,5 @@
 """Quantizer modules: each against an independent reference, sharded, jitted, bfloat16."""
+import functools
 import math
 
 import jax
@@ -50,6 +51,20 @@ def test_vq_picks_nearest_codes_with_straight_through_gradient():
   weights = jax.random.normal(jax.random.key(3), z.shape)
   grad = jax.grad(lambda z: jnp.sum(weights * quantizer(z).quantized))(z)
   np.testing.assert_allclose(grad, weights, rtol=1e-6)
+
+
+def test_vq_and_fq_approximate_nearest_code_option():
+  z = _features("vq", shape=(8, 8, 8))
+  exact = VectorQuantizer(K, D, rngs=nnx.Rngs(0))
+  approximate = VectorQuantizer(K, D, approx_recall=0.9, rngs=nnx.Rngs(0))
+  recall = float(jnp.mean(approximate(z).indices == exact(z).indices))
+  assert recall >= 0.9 - 3 * math.sqrt(0.09 / 512), recall
+  fq = _build("fq", approx_recall=0.9)
+  assert all(sub.approx_recall == 0.9 for sub in fq.quantizers)
+  problems = registry.get("vq").check({**registry.get("vq").options, "approx_recall": 1.5})
+  assert problems == ["approx_recall=1.5 must lie in (0, 1] (1 = exact)"]
+  with pytest.raises(ValueError, match=r"approx_recall must lie in \(0, 1\]"):
+    VectorQuantizer(K, D, approx_recall=0.0, rngs=nnx.Rngs(0))
 
 
 def test_vq_commitment_gradient_reaches_encoder_with_beta_and_codebook_without():
@@ -275,6 +290,21 @@ def test_every_quantizer_runs_in_bfloat16_under_jit(kind):
   assert 0 < float(usage) <= 1
 
 
+def test_regvq_prng_option_draws_from_another_generator():
+  """The same key through XLA's RngBitGenerator: other samples, the same mask and rules."""
+  z = _features("regvq", shape=(6, 4, 4))
+  default = _build("regvq")(z, key=jax.random.key(5))
+  other = _build("regvq", prng="rbg")(z, key=jax.random.key(5))
+  np.testing.assert_array_equal(default.aux["mask"], other.aux["mask"])
+  unmasked = ~np.asarray(other.aux["mask"])
+  np.testing.assert_array_equal(np.asarray(other.indices)[unmasked],
+                                np.asarray(default.indices)[unmasked])
+  assert (np.asarray(other.indices) != np.asarray(default.indices)).any()
+  options = {**registry.get("gumbel").options, "prng": "philox"}
+  assert registry.get("gumbel").check(options) == [
+      "prng='philox': one of threefry, rbg, unsafe_rbg"]
+
+
 def test_bad_configurations_fail_early_with_clear_messages():
   with pytest.raises(ValueError, match=r"mask_ratio must lie in \[0, 1\]"):
     _build("regvq", mask_ratio=1.2)
@@ -300,11 +330,20 @@ def test_bad_configurations_fail_early_with_clear_messages():
     _build("fq")(jnp.zeros((2, 4, 4, 20)))
 
 
-def test_regvq_equals_the_two_branch_definition_in_value_and_gradient():
-  """Reg-VQ as method.md writes it — argmax straight-through at unmasked positions, hard
-  Gumbel at masked ones, one-hot × codebook — built from the ops, against the module."""
-  quantizer = RegularizedQuantizer(K, D, in_features=C, mask_ratio=0.5,
-                                   temperature=TemperatureSchedule(0.7), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("kind", ["regvq", "gumbel"])
+def test_regvq_equals_the_two_branch_definition_in_value_and_gradient(kind):
+  """Reg-VQ (and Gumbel-VQ, all positions sampled) as method.md writes it — argmax
+  straight-through at unmasked positions, hard Gumbel at masked ones, one-hot × codebook,
+  prior and per-position KL — built from the unfused ops, against the module. The module
+  draws Gumbel noise only for its stochastic rows; the reference gets the same noise
+  there (its other rows are never used: the argmax branch takes them)."""
+  if kind == "regvq":
+    quantizer = RegularizedQuantizer(K, D, in_features=C, mask_ratio=0.5, prior_kl_weight=0.3,
+                                     per_position_kl_weight=0.2,
+                                     temperature=TemperatureSchedule(0.7), rngs=nnx.Rngs(0))
+  else:
+    quantizer = GumbelQuantizer(K, D, in_features=C, kl_weight=0.2,
+                                temperature=TemperatureSchedule(0.7), rngs=nnx.Rngs(0))
   z = _features("regvq", shape=(4, 4, 4))
   key = jax.random.key(12)
   weights = jax.random.normal(jax.random.key(13), z.shape[:-1] + (D,))
@@ -312,19 +351,38 @@ def test_regvq_equals_the_two_branch_definition_in_value_and_gradient():
 
   def module_loss(params, z):
     out = nnx.merge(graphdef, params)(z, key=key)
-    return jnp.sum(weights * out.quantized)
+    return jnp.sum(weights * out.quantized) + out.total_loss, out.indices
 
   def reference_loss(params, z):
     model = nnx.merge(graphdef, params)
     codebook = model.codebook[...]
     logits = model.logits(z, codebook)
     mask_key, gumbel_key = jax.random.split(key)
-    mask = ops.stochastic_mask(mask_key, 4, 16, 0.5).reshape(4, 4, 4)
-    sampled, _ = ops.gumbel_softmax(gumbel_key, logits, tau=0.7)
+    if kind == "regvq":
+      positions = ops.stochastic_positions(mask_key, 4, 16, 0.5)
+      rows = ops.gumbel_noise(gumbel_key, (4, 8, K))
+      noise = jnp.zeros((4, 16, K)).at[jnp.arange(4)[:, None], positions].set(rows)
+      mask = ops.stochastic_mask(mask_key, 4, 16, 0.5).reshape(4, 4, 4)
+    else:
+      noise = ops.gumbel_noise(gumbel_key, (4, 16, K))
+      mask = jnp.ones((4, 4, 4), bool)
+    sampled, _ = ops.gumbel_softmax(None, logits, tau=0.7, noise=noise.reshape(logits.shape))
     argmax, _ = ops.straight_through_argmax(logits, tau=0.7)
-    return jnp.sum(weights * (ops.masked_select(mask, sampled, argmax) @ codebook))
+    one_hot = ops.masked_select(mask, sampled, argmax)
+    loss = (jnp.sum(weights * (one_hot @ codebook))
+            + model.per_position_kl_weight * ops.per_position_kl_to_uniform(
+                jax.nn.softmax(logits)))
+    if model.prior_kl_weight:
+      loss += model.prior_kl_weight * ops.kl_to_uniform(jax.nn.softmax(logits / 0.7))
+    return loss, jnp.argmax(one_hot, -1)
 
-  np.testing.assert_allclose(module_loss(params, z), reference_loss(params, z), rtol=1e-5)
-  got = jax.grad(module_loss, argnums=(0, 1))(params, z)
-  want = jax.grad(reference_loss, argnums=(0, 1))(params, z)
+  @functools.partial(jax.jit, static_argnums=0)
+  def value_and_grad(loss, params, z):
+    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, z)
+
+  ((got, got_indices), got_grads) = value_and_grad(module_loss, params, z)
+  ((want, want_indices), want_grads) = value_and_grad(reference_loss, params, z)
+  np.testing.assert_array_equal(got_indices, want_indices)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  got, want = got_grads, want_grads
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, want)

@@ -7,6 +7,9 @@ for use inside `jax.shard_map`.
 """
 from rvq_jax.ops import diffusion
 from rvq_jax.ops import distances
+from rvq_jax.ops.categorical import CategoricalQuantized
+from rvq_jax.ops.categorical import GumbelSource
+from rvq_jax.ops.categorical import categorical_quantize
 from rvq_jax.ops.codebook_losses import disentanglement_loss
 from rvq_jax.ops.codebook_losses import ema_codebook_update
 from rvq_jax.ops.codebook_losses import vq_losses
@@ -31,11 +34,16 @@ from rvq_jax.ops.distances import nearest_code
 from rvq_jax.ops.divergences import entropy_loss
 from rvq_jax.ops.divergences import kl_to_uniform
 from rvq_jax.ops.divergences import per_position_kl_to_uniform
+from rvq_jax.ops.gumbel import PRNG_IMPLS
+from rvq_jax.ops.gumbel import gumbel_noise
+from rvq_jax.ops.gumbel import gumbel_rows
 from rvq_jax.ops.gumbel import gumbel_softmax
 from rvq_jax.ops.info_nce import info_nce
 from rvq_jax.ops.masking import masked_select
 from rvq_jax.ops.masking import num_masked
+from rvq_jax.ops.masking import positions_to_mask
 from rvq_jax.ops.masking import stochastic_mask
+from rvq_jax.ops.masking import stochastic_positions
 from rvq_jax.ops.reductions import argmax_last
 from rvq_jax.ops.sampling import classifier_free_guidance
 from rvq_jax.ops.sampling import filter_logits
@@ -59,6 +67,14 @@ __all__ = [
     "update_loss_history",
     "vlb_terms",
     "argmax_last",
+    "CategoricalQuantized",
+    "categorical_quantize",
+    "gumbel_noise",
+    "gumbel_rows",
+    "GumbelSource",
+    "PRNG_IMPLS",
+    "positions_to_mask",
+    "stochastic_positions",
     "one_hot_lookup",
     "code_distances",
     "code_histogram",

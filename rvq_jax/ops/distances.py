@@ -90,6 +90,7 @@ def nearest_code(
     codebook: jax.Array,
     *,
     chunk_size: int | None = None,
+    recall_target: float = 1.0,
 ) -> jax.Array:
   """Index of the nearest code (squared Euclidean) for every vector.
 
@@ -99,15 +100,28 @@ def nearest_code(
   minimum, so memory is O(N · chunk_size). On the CPU the rows of z are also taken in
   blocks whose scores fit in cache. Ties go to the lowest index, as `argmin`.
 
+  With `recall_target` < 1 the search is `jax.lax.approx_min_k` (k = 1): on TPUs it
+  reduces each row in partial buckets and returns the true nearest code with about that
+  probability; other backends run it as an exact top-k (a sort), so there it is exact
+  and slower than the default (benchmarks/README.md). Rows are taken in blocks of at
+  most `DEFAULT_MAX_DISTANCE_ENTRIES` scores; ties are not guaranteed to go to the
+  lowest index.
+
   Args:
     z: [..., D] vectors.
     codebook: [K, D] codes.
-    chunk_size: codes per chunk; None picks one from the memory budget.
+    chunk_size: codes per chunk (exact search); None picks one from the memory budget.
+    recall_target: 1.0 (default) for the exact search; in (0, 1) for approx_min_k with
+      that expected recall.
 
   Returns:
     [...] int32 indices into the codebook.
   """
   _checks.check_feature_dim("z", z, codebook)
+  if not 0.0 < recall_target <= 1.0:
+    raise ValueError(f"recall_target must lie in (0, 1], got {recall_target}.")
+  if recall_target < 1.0:
+    return _approx_nearest_code(z, codebook, recall_target)
   num_codes, dim = codebook.shape
   lead_shape = z.shape[:-1]
   z2d = z.reshape(-1, dim).astype(jnp.float32)
@@ -133,6 +147,30 @@ def nearest_code(
       return _block_argmin(z_block, codes, code_sq)[1]
     return _chunked_argmin(z_block, codes, code_sq, chunk_size)
 
+  if rows >= num_vectors:
+    return block(z2d).reshape(lead_shape)
+  num_blocks = math.ceil(num_vectors / rows)
+  padded = jnp.pad(z2d, ((0, num_blocks * rows - num_vectors), (0, 0)))
+  indices = jax.lax.map(block, padded.reshape(num_blocks, rows, dim))
+  return indices.reshape(-1)[:num_vectors].reshape(lead_shape)
+
+
+def _approx_nearest_code(z: jax.Array, codebook: jax.Array, recall_target: float) -> jax.Array:
+  """`nearest_code` by `jax.lax.approx_min_k` over ‖c‖² − 2 z·c, in row blocks."""
+  num_codes, dim = codebook.shape
+  lead_shape = z.shape[:-1]
+  z2d = z.reshape(-1, dim).astype(jnp.float32)
+  codes = codebook.astype(jnp.float32)
+  code_sq = jnp.sum(codes * codes, axis=-1)
+
+  def block(z_block):
+    scores = code_sq[None, :] - 2.0 * jnp.einsum(
+        "nd,kd->nk", z_block, codes, preferred_element_type=jnp.float32)
+    _, index = jax.lax.approx_min_k(scores, 1, recall_target=recall_target)
+    return index[:, 0].astype(jnp.int32)
+
+  num_vectors = z2d.shape[0]
+  rows = min(max(1, DEFAULT_MAX_DISTANCE_ENTRIES // num_codes), max(num_vectors, 1))
   if rows >= num_vectors:
     return block(z2d).reshape(lead_shape)
   num_blocks = math.ceil(num_vectors / rows)

@@ -14,11 +14,46 @@ def num_masked(length: int, ratio) -> jax.Array | int:
   return jnp.floor(jnp.asarray(ratio, jnp.float32) * length + 0.5).astype(jnp.int32)
 
 
+def stochastic_positions(key: jax.Array, batch: int, length: int, ratio: float) -> jax.Array:
+  """Per row, the round(ratio · length) stochastic positions, chosen uniformly without replacement.
+
+  The positions `stochastic_mask` sets for the same key: each row ranks its positions by
+  uniform noise (MAE style) and keeps the lowest-ranked ones, so every subset of that
+  size is equally likely. Their number is static, so the stochastic rows of a [B, L, K]
+  array can be gathered ([B, S, K]) instead of masked.
+
+  Args:
+    key: PRNG key.
+    batch: number of rows (samples).
+    length: positions per row (tokens per image).
+    ratio: fraction in [0, 1], a Python number (the count must be static).
+
+  Returns:
+    [batch, S] int32 positions in [0, length), S = round(ratio · length), distinct per
+    row, in the order of their rank (not sorted).
+  """
+  _checks.check_ratio("mask ratio", ratio)
+  if not isinstance(ratio, (int, float)):
+    raise TypeError(f"stochastic_positions needs a Python ratio (a static count), got {ratio!r}.")
+  if batch < 0 or length < 0:
+    raise ValueError(f"batch and length must be non-negative, got {batch} and {length}.")
+  noise = jax.random.uniform(key, (batch, length))
+  order = jnp.argsort(noise, axis=-1).astype(jnp.int32)
+  return order[:, :num_masked(length, ratio)]
+
+
+def positions_to_mask(positions: jax.Array, length: int) -> jax.Array:
+  """[B, S] distinct positions per row → [B, length] bool, True at those positions."""
+  rows = jnp.arange(positions.shape[0])[:, None]
+  return jnp.zeros((positions.shape[0], length), bool).at[rows, positions].set(True)
+
+
 def stochastic_mask(key: jax.Array, batch: int, length: int, ratio) -> jax.Array:
   """Per row, exactly round(ratio · length) positions set, chosen uniformly without replacement.
 
   MAE-style: each row ranks its positions by uniform noise and sets the lowest-ranked
-  ones, so every subset of that size is equally likely.
+  ones, so every subset of that size is equally likely. For a Python ratio these are
+  the positions `stochastic_positions` returns for the same key.
 
   Args:
     key: PRNG key.
@@ -32,6 +67,8 @@ def stochastic_mask(key: jax.Array, batch: int, length: int, ratio) -> jax.Array
   _checks.check_ratio("mask ratio", ratio)
   if batch < 0 or length < 0:
     raise ValueError(f"batch and length must be non-negative, got {batch} and {length}.")
+  if isinstance(ratio, (int, float)):
+    return positions_to_mask(stochastic_positions(key, batch, length, ratio), length)
   noise = jax.random.uniform(key, (batch, length))
   order = jnp.argsort(noise, axis=-1)
   # rank[b, order[b, j]] = j: a scatter of the permutation's inverse, exact (no ties).

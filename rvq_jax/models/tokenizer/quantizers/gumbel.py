@@ -26,10 +26,11 @@ class GumbelQuantizer(RegularizedQuantizer):
   def __init__(self, num_codes: int, code_dim: int, *, in_features: int | None = None,
                kl_weight: float = 5e-4, logits: str = "projection",
                temperature: TemperatureSchedule = TemperatureSchedule(0.9, 1e-6, 1_000_000),
-               deterministic: bool = False, rngs: nnx.Rngs):
+               deterministic: bool = False, prng: str = "threefry", rngs: nnx.Rngs):
     super().__init__(num_codes, code_dim, in_features=in_features, mask_ratio=1.0,
                      prior_kl_weight=0.0, per_position_kl_weight=kl_weight, logits=logits,
-                     temperature=temperature, deterministic=deterministic, rngs=rngs)
+                     temperature=temperature, deterministic=deterministic, prng=prng,
+                     rngs=rngs)
 
   def __call__(self, z: jax.Array, *, key: jax.Array | None = None, step=None,
                deterministic: bool | None = None) -> QuantizerOutput:
@@ -42,7 +43,8 @@ def _build(options, *, num_codes: int, code_dim: int, in_features: int | None,
            rngs: nnx.Rngs) -> GumbelQuantizer:
   return GumbelQuantizer(num_codes, code_dim, in_features=in_features,
                          kl_weight=options["kl_weight"], logits=options["logits"],
-                         temperature=regularized.temperature_schedule(options), rngs=rngs)
+                         temperature=regularized.temperature_schedule(options),
+                         prng=options["prng"], rngs=rngs)
 
 
 def _check(options) -> list[str]:
@@ -56,5 +58,5 @@ def _check(options) -> list[str]:
 SPEC = registry.QuantizerSpec(
     kind="gumbel", build=_build, categorical=True, check=_check,
     options=dict(kl_weight=5e-4, logits="projection", temperature_start=0.9,
-                 temperature_end=1e-6, temperature_anneal_steps=1_000_000),
+                 temperature_end=1e-6, temperature_anneal_steps=1_000_000, prng="threefry"),
     summary="Gumbel-VQ: a straight-through Gumbel sample everywhere, per-position KL")

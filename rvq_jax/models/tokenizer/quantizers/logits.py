@@ -38,3 +38,19 @@ class TokenLogits(nnx.Module):
     if self.kind == "projection":
       return self.projection(z)
     return (-ops.code_distances(z, codebook)).astype(z.dtype)
+
+  def without_bias(self, z: jax.Array, codebook: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """(ℓ − b, b): the logits before the projection's bias [K], and the bias (None for
+    distance logits). `ops.categorical_quantize` adds b itself, so no [.., K] pass is
+    spent on it."""
+    if self.kind != "projection":
+      return self(z, codebook), None
+    projection = self.projection
+    z, kernel, bias = projection.promote_dtype(
+        (z, projection.kernel[...], projection.bias[...]), dtype=projection.dtype)
+    # A [N, C] × [C, K] matmul: with z's leading axes kept, the kernel's gradient contracts
+    # several axes, and XLA's CPU backend then transposes the whole [N, K] cotangent first.
+    flat = z.reshape(-1, z.shape[-1])
+    logits = jax.lax.dot_general(flat, kernel, (((1,), (0,)), ((), ())),
+                                 precision=projection.precision)
+    return logits.reshape(z.shape[:-1] + (kernel.shape[-1],)), bias

@@ -36,25 +36,31 @@ class RegularizedQuantizer(nnx.Module):
     per_position_kl_weight: weight on mean_i KL(softmax(ℓ_i) ‖ uniform), τ-free (Gumbel-VQ; 0 here).
     logits: 'projection' or 'distance'.
     temperature: τ schedule (constant 1.0 by default).
+    prng: where the Gumbel noise comes from: 'threefry' (the key as given), 'rbg' or
+      'unsafe_rbg' (XLA's RngBitGenerator: cheaper, but backend- and sharding-dependent
+      bits; see ops.gumbel_noise and benchmarks/README.md).
   """
 
   def __init__(self, num_codes: int, code_dim: int, *, in_features: int | None = None,
                mask_ratio: float = 0.4, prior_kl_weight: float = 0.1,
                per_position_kl_weight: float = 0.0, logits: str = "projection",
                temperature: TemperatureSchedule = TemperatureSchedule(),
-               deterministic: bool = False, rngs: nnx.Rngs):
+               deterministic: bool = False, prng: str = "threefry", rngs: nnx.Rngs):
     if num_codes <= 0 or code_dim <= 0:
       raise ValueError(f"num_codes and code_dim must be positive, got {num_codes}, {code_dim}.")
     if not 0.0 <= mask_ratio <= 1.0:
       raise ValueError(f"mask_ratio must lie in [0, 1], got {mask_ratio}.")
     if prior_kl_weight < 0 or per_position_kl_weight < 0:
       raise ValueError("KL weights must be >= 0.")
+    if prng not in ops.PRNG_IMPLS:
+      raise ValueError(f"prng must be one of {ops.PRNG_IMPLS}, got {prng!r}.")
     in_features = code_dim if in_features is None else in_features
     self.num_codes, self.code_dim, self.in_features = num_codes, code_dim, in_features
     self.mask_ratio = float(mask_ratio)
     self.prior_kl_weight, self.per_position_kl_weight = prior_kl_weight, per_position_kl_weight
     self.temperature = temperature
     self.deterministic = deterministic
+    self.prng = prng
     # Standard-normal codes, as the nn.Embedding of taming's GumbelQuantize: the decoder
     # sees unit-scale inputs from the first step.
     init = jax.random.normal(rngs.params(), (num_codes, code_dim), jnp.float32)
@@ -79,50 +85,53 @@ class RegularizedQuantizer(nnx.Module):
     check_input(type(self).__name__, z, self.in_features)
     deterministic = self.deterministic if deterministic is None else deterministic
     codebook = self.codebook[...]
-    logits = self.logits(z, codebook)
+    logits, bias = self.logits.without_bias(z, codebook)
     tau = self.temperature(step)
-    logits32 = logits.astype(jnp.float32)
-    argmax_indices = ops.argmax_last(logits32)
-
-    if deterministic or self.mask_ratio == 0.0:
-      perturbed = logits32
-      mask = jnp.zeros(argmax_indices.shape, bool)
-    else:
+    batch, length = z.shape[0], math.prod(z.shape[1:-1])
+    num_sampled = ops.num_masked(length, self.mask_ratio)
+    gumbel = positions = None
+    if not deterministic and num_sampled > 0:
       if key is None:
         raise ValueError(
             f"{type(self).__name__} samples tokens in training: pass key=… (a PRNG key), "
             "or deterministic=True for evaluation.")
       mask_key, gumbel_key = jax.random.split(key)
-      batch, length = z.shape[0], math.prod(z.shape[1:-1])
-      if self.mask_ratio == 1.0:
-        mask = jnp.ones(argmax_indices.shape, bool)
+      # Gumbel noise only where a sample is drawn: round(r·L) rows per image (a static
+      # count), gathered, not noise over all N × K (ops.categorical_quantize).
+      if num_sampled < length:
+        positions = ops.stochastic_positions(mask_key, batch, length, self.mask_ratio)
+      if self.prng == "threefry":
+        # Drawn inside the op, block by block: ops.gumbel_noise(gumbel_key, (B, S, K)).
+        gumbel = ops.GumbelSource(key=gumbel_key)
       else:
-        mask = ops.stochastic_mask(mask_key, batch, length, self.mask_ratio).reshape(
-            argmax_indices.shape)
-      # One branch for both kinds of position: the Gumbel noise is added where the mask
-      # is set, so the argmax is the sample there and the plain argmax elsewhere, and the
-      # straight-through softmax is softmax((ℓ + g)/τ) or softmax(ℓ/τ) accordingly —
-      # exactly ops.gumbel_softmax / ops.straight_through_argmax, at half the cost.
-      noise = jax.random.gumbel(gumbel_key, logits.shape, jnp.float32)
-      perturbed = logits32 + jnp.where(mask[..., None], noise, 0.0)
-    indices = ops.argmax_last(perturbed)
-    soft = jax.nn.softmax(perturbed / tau, axis=-1)
-    one_hot = ops.straight_through(jax.nn.one_hot(indices, self.num_codes, dtype=jnp.float32),
-                                   soft).astype(logits.dtype)
-    quantized = ops.one_hot_lookup(one_hot, indices, codebook.astype(one_hot.dtype))
-    # Reg-VQ's prior KL is on the batch mean of p_i = softmax(ℓ_i/τ) (method.md).
-    probs = jax.nn.softmax(logits32 / tau, axis=-1)
-    prior_kl = ops.kl_to_uniform(probs)
+        gumbel = ops.GumbelSource(noise=ops.gumbel_noise(
+            gumbel_key, (batch, num_sampled, self.num_codes), prng=self.prng))
+    result = ops.categorical_quantize(
+        logits.reshape(batch, length, self.num_codes), codebook, bias=bias, tau=tau,
+        gumbel=gumbel, positions=positions,
+        per_position_kl=bool(self.per_position_kl_weight))
+    token_shape = z.shape[:-1]
+    indices = result.indices.reshape(token_shape)
+    argmax_indices = result.argmax_indices.reshape(token_shape)
+    if gumbel is None:
+      mask = jnp.zeros(token_shape, bool)
+    elif positions is None:
+      mask = jnp.ones(token_shape, bool)
+    else:
+      mask = ops.positions_to_mask(positions, length).reshape(token_shape)
+    quantized = result.quantized.reshape(token_shape + (self.code_dim,))
+    # Reg-VQ's prior KL is on the batch mean of p_i = softmax(ℓ_i/τ) (method.md); the op's
+    # p̄ shares its log-sum-exp with the straight-through softmax.
+    prior_kl = ops.kl_to_uniform(result.mean_probs)
     losses = {}
     if self.prior_kl_weight:
       losses["prior_kl"] = self.prior_kl_weight * prior_kl
     if self.per_position_kl_weight:
       # Gumbel-VQ's per-position KL is on softmax(ℓ_i), independent of τ (taming's
       # GumbelQuantize: qy = softmax(logits)).
-      losses["per_position_kl"] = self.per_position_kl_weight * ops.per_position_kl_to_uniform(
-          jax.nn.softmax(logits32, axis=-1))
+      losses["per_position_kl"] = self.per_position_kl_weight * result.per_position_kl
     stats = ops.codebook_stats(indices, self.num_codes)
-    stats.update(temperature=tau, kl_to_uniform=prior_kl,
+    stats.update(temperature=tau, kl_to_uniform=jax.lax.stop_gradient(prior_kl),
                  stochastic_fraction=jnp.mean(mask.astype(jnp.float32)))
     aux = build_aux(mask, indices, argmax_indices, codebook)
     return QuantizerOutput(quantized.astype(z.dtype), indices, losses, stats, aux)
@@ -137,6 +146,8 @@ def check_categorical(options) -> list[str]:
     problems.append("temperature_start and temperature_end must be > 0")
   if options["temperature_anneal_steps"] < 0:
     problems.append("temperature_anneal_steps must be >= 0")
+  if options["prng"] not in ops.PRNG_IMPLS:
+    problems.append(f"prng={options['prng']!r}: one of {', '.join(ops.PRNG_IMPLS)}")
   return problems
 
 
@@ -160,7 +171,7 @@ def _build(options, *, num_codes: int, code_dim: int, in_features: int | None,
       num_codes, code_dim, in_features=in_features, mask_ratio=options["mask_ratio"],
       prior_kl_weight=options["prior_kl_weight"],
       per_position_kl_weight=options["per_position_kl_weight"], logits=options["logits"],
-      temperature=temperature_schedule(options), rngs=rngs)
+      temperature=temperature_schedule(options), prng=options["prng"], rngs=rngs)
 
 
 REGVQ_OPTIONS = dict(
@@ -172,7 +183,10 @@ REGVQ_OPTIONS = dict(
     logits="projection",
     # τ: constant 1.0, as in the authors' code. The codebook study's τ = 0.5 used more
     # codes, but τ also scales the prior KL (a sharper p̄), so it is kept.
-    temperature_start=1.0, temperature_end=1.0, temperature_anneal_steps=0)
+    temperature_start=1.0, temperature_end=1.0, temperature_anneal_steps=0,
+    # The Gumbel noise's generator: 'threefry' (JAX's default, reproducible across
+    # backends and shardings) or 'rbg'/'unsafe_rbg' (cheaper on the CPU; see ops.gumbel_noise).
+    prng="threefry")
 SPEC = registry.QuantizerSpec(
     kind="regvq", build=_build, options=REGVQ_OPTIONS, categorical=True, check=_check,
     summary="Reg-VQ: prior KL on the batch-mean distribution + stochastic mask (ratio r)")

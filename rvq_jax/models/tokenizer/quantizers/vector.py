@@ -36,20 +36,25 @@ class VectorQuantizer(nnx.Module):
     normalize: L2-normalize z and the codes.
     use_ema: update the codebook by exponential moving averages (decay `ema_decay`).
     entropy_weight, entropy_temperature: MaskGIT/FQGAN entropy loss (0 = off).
+    approx_recall: 1.0 (default) for the exact nearest code; below 1, the expected recall
+      of an approximate search (`ops.nearest_code(recall_target=…)`, fast on TPUs only).
   """
 
   def __init__(self, num_codes: int, code_dim: int, *, beta: float = 0.25,
                normalize: bool = False, use_ema: bool = False, ema_decay: float = 0.99,
                entropy_weight: float = 0.0, entropy_temperature: float = 0.01,
-               deterministic: bool = False, rngs: nnx.Rngs):
+               approx_recall: float = 1.0, deterministic: bool = False, rngs: nnx.Rngs):
     if num_codes <= 0 or code_dim <= 0:
       raise ValueError(f"num_codes and code_dim must be positive, got {num_codes}, {code_dim}.")
     if not 0.0 < ema_decay < 1.0:
       raise ValueError(f"ema_decay must lie in (0, 1), got {ema_decay}.")
+    if not 0.0 < approx_recall <= 1.0:
+      raise ValueError(f"approx_recall must lie in (0, 1], got {approx_recall}.")
     self.num_codes, self.code_dim = num_codes, code_dim
     self.beta, self.normalize, self.use_ema, self.ema_decay = beta, normalize, use_ema, ema_decay
     self.entropy_weight, self.entropy_temperature = entropy_weight, entropy_temperature
     self.deterministic = deterministic
+    self.approx_recall = float(approx_recall)
     init = jax.random.uniform(rngs.params(), (num_codes, code_dim), jnp.float32,
                               -1.0 / num_codes, 1.0 / num_codes)
     if normalize:
@@ -85,7 +90,7 @@ class VectorQuantizer(nnx.Module):
     deterministic = self.deterministic if deterministic is None else deterministic
     compute_z = _unit(z.astype(jnp.float32)) if self.normalize else z.astype(jnp.float32)
     codes = self.codes().astype(jnp.float32)
-    indices = ops.nearest_code(compute_z, codes)
+    indices = ops.nearest_code(compute_z, codes, recall_target=self.approx_recall)
     z_q = ops.lookup(indices, codes)
     codebook_loss, commitment_loss = ops.vq_losses(compute_z, z_q, beta=self.beta)
     losses = {"commitment": commitment_loss}
@@ -118,6 +123,8 @@ def _check(options) -> list[str]:
     problems.append("beta and entropy_weight must be >= 0")
   if options["entropy_temperature"] <= 0:
     problems.append("entropy_temperature must be > 0")
+  if not 0.0 < options["approx_recall"] <= 1.0:
+    problems.append(f"approx_recall={options['approx_recall']} must lie in (0, 1] (1 = exact)")
   return problems
 
 
@@ -130,8 +137,10 @@ def _build(options, *, num_codes: int, code_dim: int, in_features: int | None,
 
 
 # VQ-VAE/VQGAN: β = 0.25, learned codebook; FQGAN's variant is cosine codes + entropy loss.
+# approx_recall: 1.0 is the exact nearest code; below 1, jax.lax.approx_min_k with that
+# expected recall (a TPU speed option; exact, and slower, elsewhere).
 VQ_OPTIONS = dict(beta=0.25, normalize=False, use_ema=False, ema_decay=0.99,
-                  entropy_weight=0.0, entropy_temperature=0.01)
+                  entropy_weight=0.0, entropy_temperature=0.01, approx_recall=1.0)
 SPEC = registry.QuantizerSpec(
     kind="vq", build=_build, options=VQ_OPTIONS, categorical=False, check=_check,
     summary="nearest code, straight-through; codebook + β·commitment loss (VQ-VAE/VQGAN)")
