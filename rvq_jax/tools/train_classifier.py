@@ -300,31 +300,43 @@ def train_classifier(idx_dir: str, output: str, settings: Settings = Settings(),
   return report
 
 
-_IDX_DIR = flags.DEFINE_string("idx_dir", sources.FASHION_MNIST_DIR,
-                               "Folder of the train-*/t10k-* IDX files (.gz or plain).")
-_OUTPUT = flags.DEFINE_string("output", None, "The weight file to write (.npz); the report "
-                              "goes next to it (.json).", required=True)
-_STEPS = flags.DEFINE_integer("steps", Settings.steps, "Training steps.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", Settings.batch_size, "Training batch size.")
-_LEARNING_RATE = flags.DEFINE_float("learning_rate", Settings.learning_rate,
-                                    "Peak learning rate (cosine decay to 0).")
-_MAX_SHIFT = flags.DEFINE_integer("max_shift", Settings.max_shift,
-                                  "Random translations up to this many pixels (0 = off).")
-_FLIP = flags.DEFINE_bool("flip", Settings.flip, "Random horizontal flips.")
-_SEED = flags.DEFINE_integer("seed", Settings.seed, "Initialization, order and augmentation.")
-_LOG_EVERY = flags.DEFINE_integer("log_every", Settings.log_every, "Steps between lines.")
+def _define_flags() -> dict:
+  """The command's flags, defined only when it runs as a program: importing this module
+  (tests, other tools) must not claim names like --steps in absl's global registry."""
+  return {
+      "idx_dir": flags.DEFINE_string(
+          "idx_dir", sources.FASHION_MNIST_DIR,
+          "Folder of the train-*/t10k-* IDX files (.gz or plain)."),
+      "output": flags.DEFINE_string(
+          "output", None, "The weight file to write (.npz); the report goes next to it "
+          "(.json).", required=True),
+      "steps": flags.DEFINE_integer("steps", Settings.steps, "Training steps."),
+      "batch_size": flags.DEFINE_integer("batch_size", Settings.batch_size,
+                                         "Training batch size."),
+      "learning_rate": flags.DEFINE_float("learning_rate", Settings.learning_rate,
+                                          "Peak learning rate (cosine decay to 0)."),
+      "max_shift": flags.DEFINE_integer("max_shift", Settings.max_shift,
+                                        "Random translations up to this many pixels (0 = off)."),
+      "flip": flags.DEFINE_bool("flip", Settings.flip, "Random horizontal flips."),
+      "seed": flags.DEFINE_integer("seed", Settings.seed,
+                                   "Initialization, order and augmentation."),
+      "log_every": flags.DEFINE_integer("log_every", Settings.log_every,
+                                        "Steps between lines."),
+  }
 
 
-def main(argv) -> int:
+def main(argv, defined: dict) -> int:
   del argv
-  settings = Settings(steps=_STEPS.value, batch_size=_BATCH_SIZE.value,
-                      learning_rate=_LEARNING_RATE.value, max_shift=_MAX_SHIFT.value,
-                      flip=_FLIP.value, seed=_SEED.value, log_every=_LOG_EVERY.value)
-  report = train_classifier(_IDX_DIR.value, _OUTPUT.value, settings)
+  value = {name: flag.value for name, flag in defined.items()}
+  settings = Settings(steps=value["steps"], batch_size=value["batch_size"],
+                      learning_rate=value["learning_rate"], max_shift=value["max_shift"],
+                      flip=value["flip"], seed=value["seed"], log_every=value["log_every"])
+  report = train_classifier(value["idx_dir"], value["output"], settings)
   print(json.dumps({key: report[key] for key in ("test_accuracy", "test_examples",
                                                  "wall_time_s", "output")}))
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  _FLAGS = _define_flags()
+  sys.exit(app.run(lambda argv: main(argv, _FLAGS)))
