@@ -147,12 +147,18 @@ def nearest_code(
       return _block_argmin(z_block, codes, code_sq)[1]
     return _chunked_argmin(z_block, codes, code_sq, chunk_size)
 
+  return _map_row_blocks(block, z2d, rows).reshape(lead_shape)
+
+
+def _map_row_blocks(block, z2d: jax.Array, rows: int) -> jax.Array:
+  """`block` ([rows, D] → [rows]) over z2d [N, D] in blocks of `rows` (the last padded),
+  one block at a time so that only [rows, K] distances exist at once → [N]."""
+  num_vectors, dim = z2d.shape
   if rows >= num_vectors:
-    return block(z2d).reshape(lead_shape)
+    return block(z2d)
   num_blocks = math.ceil(num_vectors / rows)
   padded = jnp.pad(z2d, ((0, num_blocks * rows - num_vectors), (0, 0)))
-  indices = jax.lax.map(block, padded.reshape(num_blocks, rows, dim))
-  return indices.reshape(-1)[:num_vectors].reshape(lead_shape)
+  return jax.lax.map(block, padded.reshape(num_blocks, rows, dim)).reshape(-1)[:num_vectors]
 
 
 def _approx_nearest_code(z: jax.Array, codebook: jax.Array, recall_target: float) -> jax.Array:
@@ -171,12 +177,7 @@ def _approx_nearest_code(z: jax.Array, codebook: jax.Array, recall_target: float
 
   num_vectors = z2d.shape[0]
   rows = min(max(1, DEFAULT_MAX_DISTANCE_ENTRIES // num_codes), max(num_vectors, 1))
-  if rows >= num_vectors:
-    return block(z2d).reshape(lead_shape)
-  num_blocks = math.ceil(num_vectors / rows)
-  padded = jnp.pad(z2d, ((0, num_blocks * rows - num_vectors), (0, 0)))
-  indices = jax.lax.map(block, padded.reshape(num_blocks, rows, dim))
-  return indices.reshape(-1)[:num_vectors].reshape(lead_shape)
+  return _map_row_blocks(block, z2d, rows).reshape(lead_shape)
 
 
 def lookup(indices: jax.Array, codebook: jax.Array) -> jax.Array:
