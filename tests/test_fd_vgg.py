@@ -172,17 +172,10 @@ class _MeanColour(nnx.Module):
 
 
 def test_feature_reference_keeps_the_first_rows_in_order_over_padded_batches(
-    tmp_path, monkeypatch):
+    tmp_path, reference_passes):
   """The per-example rows of `fid.feature_reference` (the real side of precision/recall),
   in a cheap feature space: the split's first examples, in order, whatever the batching."""
-  passes = []
-  original = fid_lib._reference_batches
-
-  def counting(*args, **kwargs):
-    passes.append(args)
-    return original(*args, **kwargs)
-
-  monkeypatch.setattr(fid_lib, "_reference_batches", counting)
+  passes = reference_passes
   network = _MeanColour()
   space = fid_lib.FeatureSpace(name="test/mean_colour", network=network,
                                features=lambda net, images: net(images))

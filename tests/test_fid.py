@@ -446,15 +446,9 @@ def _data_config(**overrides):
   return config
 
 
-def test_reference_statistics_are_cached_and_keyed(tmp_path, small_inception, monkeypatch):
-  passes = []
-  original = fid_lib._reference_batches
-
-  def counting(*args, **kwargs):
-    passes.append(args)
-    return original(*args, **kwargs)
-
-  monkeypatch.setattr(fid_lib, "_reference_batches", counting)
+def test_reference_statistics_are_cached_and_keyed(tmp_path, small_inception,
+                                                  reference_passes):
+  passes = reference_passes
   cache = str(tmp_path / "reference.npz")
   # 2 photos × 3 crops = 6 examples in batches of 4: the last batch is half padding.
   mu, sigma = fid_lib.reference_statistics(_data_config(), "eval", small_inception, cache, 4)
