@@ -179,6 +179,37 @@ def test_regvq_prior_kl_is_the_marginal_kl_of_the_tempered_softmax():
   np.testing.assert_allclose(float(out.losses["prior_kl"]), 0.3 * want, rtol=1e-5)
 
 
+def test_regvq_beyond_paper_options_kl_temperature_and_position_entropy():
+  """The prior KL on p̄ of a sharper softmax, and FQGAN's per-position entropy term, each
+  checked against NumPy on the module's own logits; the gradient of the entropy term
+  lowers the entropy (a step along it sharpens p_i)."""
+  quantizer = RegularizedQuantizer(K, D, in_features=C, prior_kl_weight=0.3,
+                                   prior_kl_temperature=0.25, position_entropy_weight=0.2,
+                                   position_entropy_temperature=0.5, rngs=nnx.Rngs(0))
+  z = _features("regvq")
+  out = quantizer(z, key=jax.random.key(6), step=0)
+  sharp, _ = _tempered_probs(quantizer, z, tau=0.25)
+  mean = np.asarray(sharp, np.float64).reshape(-1, K).mean(0)
+  np.testing.assert_allclose(float(out.losses["prior_kl"]),
+                             0.3 * (math.log(K) + np.sum(mean * np.log(mean))), rtol=1e-5)
+  # The logged KL statistic is the one the loss uses.
+  np.testing.assert_allclose(float(out.stats["kl_to_uniform"]),
+                             float(out.losses["prior_kl"]) / 0.3, rtol=1e-6)
+  half, _ = _tempered_probs(quantizer, z, tau=0.5)
+  half = np.asarray(half, np.float64).reshape(-1, K)
+  entropy = -np.sum(half * np.log(half), axis=-1).mean()
+  np.testing.assert_allclose(float(out.losses["position_entropy"]), 0.2 * entropy, rtol=1e-5)
+  # Without the options the losses are the paper's (τ = 1 KL, no entropy term).
+  plain = RegularizedQuantizer(K, D, in_features=C, prior_kl_weight=0.3, rngs=nnx.Rngs(0))
+  plain_out = plain(z, key=jax.random.key(6), step=0)
+  assert "position_entropy" not in plain_out.losses
+  assert abs(float(plain_out.losses["prior_kl"]) - float(out.losses["prior_kl"])) > 1e-3
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(64, K)), jnp.float32)
+  grad = jax.grad(lambda x: ops.mean_position_entropy(x, temperature=0.5))(logits)
+  assert float(ops.mean_position_entropy(logits - 0.5 * grad, temperature=0.5)) < float(
+      ops.mean_position_entropy(logits, temperature=0.5))
+
+
 def test_regvq_distance_logits_argmax_is_the_nearest_code():
   quantizer = RegularizedQuantizer(K, D, logits="distance", rngs=nnx.Rngs(0))
   z = _features("vq")

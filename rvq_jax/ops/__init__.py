@@ -33,6 +33,7 @@ from rvq_jax.ops.distances import lookup
 from rvq_jax.ops.distances import nearest_code
 from rvq_jax.ops.divergences import entropy_loss
 from rvq_jax.ops.divergences import kl_to_uniform
+from rvq_jax.ops.divergences import mean_position_entropy
 from rvq_jax.ops.divergences import per_position_kl_to_uniform
 from rvq_jax.ops.gumbel import PRNG_IMPLS
 from rvq_jax.ops.gumbel import gumbel_noise
@@ -85,6 +86,7 @@ __all__ = [
     "gumbel_softmax",
     "info_nce",
     "kl_to_uniform",
+    "mean_position_entropy",
     "lookup",
     "masked_select",
     "nearest_code",

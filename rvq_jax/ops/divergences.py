@@ -82,6 +82,34 @@ def per_position_kl_to_uniform(probs: jax.Array, *, axis_name: AxisName = None) 
   return value
 
 
+def mean_position_entropy(
+    logits: jax.Array,
+    *,
+    temperature: float | jax.Array = 1.0,
+    axis_name: AxisName = None,
+) -> jax.Array:
+  """mean_i H(softmax(ℓ_i / temperature)): the per-position half of FQGAN's entropy loss.
+
+  Minimizing it makes every position confident; on its own it can collapse the codebook,
+  so it is paired with a term that spreads the batch mean (Reg-VQ's `kl_to_uniform`).
+
+  Args:
+    logits: [..., K] affinities.
+    temperature: softmax temperature.
+    axis_name: mapped axis (or axes) to average over inside shard_map/pmap.
+
+  Returns:
+    float32 scalar in [0, log K].
+  """
+  _checks.check_min_rank("logits", logits, 1)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  # −Σ p log p from log-probabilities: finite where p underflows (p = 0 → term 0).
+  value = jnp.mean(-jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1))
+  if axis_name is not None:
+    value = jax.lax.pmean(value, axis_name)
+  return value
+
+
 def entropy_loss(
     logits: jax.Array,
     *,
