@@ -98,6 +98,9 @@ def tokenizer_config() -> ml_collections.ConfigDict:
       pcl_weight=0.0,
       pcl_network="vgg16",
       pcl_reduction="mean",
+      # perturbation (PCL: w'_i ∝ ‖c_sample − c_argmax‖²) | uniform (a plain contrastive
+      # loss: every perturbed token weighs the same; the paper's "+CL" ablation rung).
+      pcl_weighting="perturbation",
       pcl_tau=0.07,
       pcl_num_locations=256,
       pcl_eps=1e-6,
@@ -368,6 +371,8 @@ def _validate_tokenizer(config: ml_collections.ConfigDict, check, problems: list
   check(loss.pcl_network in ("vgg16", "vgg19"),
         f"tokenizer.loss.pcl_network={loss.pcl_network!r}: 'vgg16' or 'vgg19' (needs "
         "weights.vgg19)")
+  check(loss.pcl_weighting in ("perturbation", "uniform"),
+        f"tokenizer.loss.pcl_weighting={loss.pcl_weighting!r}: 'perturbation' or 'uniform'")
   check(loss.pcl_reduction in ("mean", "sum"),
         f"tokenizer.loss.pcl_reduction={loss.pcl_reduction!r}: 'mean' or 'sum'")
   check(loss.disc_norm in disc_lib.DISCRIMINATOR_NORMS,

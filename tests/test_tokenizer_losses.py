@@ -56,6 +56,27 @@ def test_lpips_and_pcl_share_one_vgg16_pass_and_equal_their_separate_definitions
   assert 0 < float(terms["pcl"]) < 20
 
 
+def test_uniform_pcl_weighting_is_the_plain_contrastive_loss_of_the_ablation():
+  """'uniform' weighs every perturbed token equally; it differs from PCL's ‖Δc‖² weights."""
+  config = _regvq_config(perceptual_weight=0.5, pcl_weight=1.0, pcl_weighting="uniform")
+  terms, images, reconstructions, output, stage = _terms(config)
+  both = stage.frozen.lpips.features(jnp.concatenate([images, reconstructions]),
+                                     layers=vgg.PERCEPTUAL_LAYERS)
+  features_x = {name: f[:4] for name, f in both.items()}
+  features_y = {name: f[4:] for name, f in both.items()}
+  active = ~output.aux["deterministic_region"]
+  uniform = active.astype(jnp.float32)
+  uniform = uniform / jnp.maximum(uniform.sum(axis=(1, 2), keepdims=True), 1.0)
+  args = dict(num_locations=8, tau=config.tokenizer.loss.pcl_tau,
+              eps=config.tokenizer.loss.pcl_eps, reduction="mean")
+  want = losses_lib.pcl_over_layers(jax.random.key(3), features_x, features_y, uniform,
+                                    active, **args)
+  np.testing.assert_allclose(float(terms["pcl"]), float(want), rtol=1e-4)
+  weighted = losses_lib.pcl_over_layers(jax.random.key(3), features_x, features_y,
+                                        output.aux["pcl_weights"], active, **args)
+  assert float(weighted) != pytest.approx(float(want), rel=1e-4)
+
+
 def test_pcl_on_vgg19_loads_vgg19_and_no_lpips_without_the_perceptual_loss():
   terms, _, _, _, stage = _terms(_regvq_config(perceptual_weight=0.0, pcl_weight=1.0,
                                                pcl_network="vgg19"))
@@ -76,7 +97,8 @@ def test_l1_region_all_is_the_mean_error_over_the_whole_image():
 
 @pytest.mark.parametrize("field,value", [("l1_region", "deterministic"),
                                          ("pcl_network", "resnet"),
-                                         ("pcl_reduction", "max")])
+                                         ("pcl_reduction", "max"),
+                                         ("pcl_weighting", "equal")])
 def test_bad_loss_options_are_named_before_anything_runs(field, value):
   config = tiny_configs.tiny_config("regvq")
   config.tokenizer.loss[field] = value

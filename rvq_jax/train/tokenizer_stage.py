@@ -222,8 +222,12 @@ class TokenizerStage:
       if loss_config.pcl_network == "vgg19":
         features_x = jax.lax.stop_gradient(frozen.vgg19(images, layers=vgg.PERCEPTUAL_LAYERS))
         features_y = frozen.vgg19(reconstructions, layers=vgg.PERCEPTUAL_LAYERS)
+      # 'uniform' is the paper's "+CL" ablation rung: every perturbed token weighs the
+      # same (renormalized per image at the sampled locations, like the PCL weights).
+      token_weights = (aux["pcl_weights"] if loss_config.pcl_weighting == "perturbation"
+                       else (~deterministic).astype(jnp.float32))
       terms["pcl"] = losses_lib.pcl_over_layers(
-          key, features_x, features_y, aux["pcl_weights"], ~deterministic,
+          key, features_x, features_y, token_weights, ~deterministic,
           num_locations=loss_config.pcl_num_locations, tau=loss_config.pcl_tau,
           eps=loss_config.pcl_eps, reduction=loss_config.pcl_reduction)
       total += loss_config.pcl_weight * terms["pcl"]
