@@ -104,3 +104,45 @@ def test_bad_loss_options_are_named_before_anything_runs(field, value):
   config.tokenizer.loss[field] = value
   with pytest.raises(ValueError, match=f"tokenizer.loss.{field}={value!r}"):
     config_lib.validate(config)
+
+
+class _EvalContainer(nnx.Module):
+  """What `TokenizerStage.eval_step` reads of the train container."""
+
+  def __init__(self, config):
+    from rvq_jax.train import tokenizer_stage
+    self.model = tokenizer_stage.build_tokenizer(config, rngs=nnx.Rngs(0))
+    self.ema_model = nnx.data(None)
+
+
+@pytest.mark.parametrize("kind", ["regvq", "regfq", "vq"])
+def test_eval_reports_the_held_out_soft_perplexity_of_valid_tokens(kind):
+  """exp H(p̄) with p̄ the mean of softmax(ℓ_i/τ) over the valid examples' tokens only,
+  computed here from the quantizer's logits; VQ has no soft distribution to report."""
+  config = tiny_configs.tiny_config(kind)
+  if kind != "vq":
+    config.tokenizer.quantizer[kind].update(temperature_start=0.5, temperature_end=0.5)
+  stage = TokenizerStage(config)
+  container = _EvalContainer(config)
+  graphdef, state = nnx.split(container)
+  images = jax.random.uniform(jax.random.key(4), (4, 16, 16, 3), jnp.float32, -1, 1)
+  valid = np.array([True, False, True, True])
+  totals = jax.device_get(jax.jit(lambda s, c, b: stage.eval_step(nnx.merge(graphdef, s), c, b))(
+      state, stage.constants(), {"image": images, "valid": valid}))
+  metrics = stage.finalize_eval({k: np.asarray(v, np.float64) for k, v in totals.items()})
+  if kind == "vq":
+    assert "soft_perplexity" not in metrics
+    return
+  model = container.model
+  features = model.quantizer_input(images)
+  quantizers = (model.quantizer.quantizers if kind == "regfq" else [model.quantizer])
+  branches = features if kind == "regfq" else [features]
+  want = []
+  for quantizer, branch in zip(quantizers, branches):
+    logits = np.asarray(quantizer.logits(branch, quantizer.codebook[...]), np.float64)
+    probs = np.exp(logits / 0.5 - (logits / 0.5).max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    mean = probs[valid].reshape(-1, probs.shape[-1]).mean(0)
+    want.append(np.exp(-np.sum(mean * np.log(mean))))
+  assert metrics["soft_perplexity"] == pytest.approx(np.mean(want), rel=1e-4)
+  assert 1.0 <= metrics["soft_perplexity"] <= config.tokenizer.quantizer.num_codes

@@ -329,7 +329,10 @@ class TokenizerStage:
     """Sums over the valid examples of one batch, and the batch's code histogram."""
     frozen = nnx.merge(self._frozen_graphdef, constants)
     images, valid = batch["image"], batch["valid"].astype(jnp.float32)
-    reconstructions, quantizer_output = self.eval_model(container)(images, deterministic=True)
+    model = self.eval_model(container)
+    features = model.quantizer_input(images)
+    quantizer_output = model.quantizer(features, deterministic=True)
+    reconstructions = model.decode(quantizer_output.quantized)
     per_image = {
         "l1": jnp.mean(jnp.abs(images - reconstructions), axis=(1, 2, 3)),
         "psnr": image_quality.psnr(reconstructions, images),
@@ -363,6 +366,14 @@ class TokenizerStage:
                                     indices.shape)
     sums["count"] = jnp.sum(valid)
     sums["code_counts"] = self._code_counts(indices, valid_tokens)
+    soft = (model.quantizer.soft_probs(features, step=self.config.tokenizer.train.num_steps)
+            if hasattr(model.quantizer, "soft_probs") else None)
+    if soft is not None:
+      # Categorical quantizers: Σ over valid tokens of p_i, [M, K] (M = 1 unless
+      # factorized) — the held-out p̄ the prior KL regularizes, beside argmax usage.
+      books = indices.shape[-1] if indices.ndim == 4 else 1
+      soft = soft.reshape(soft.shape[0], -1, books, soft.shape[-1])
+      sums["soft_prob_sums"] = jnp.einsum("btmk,b->mk", soft, valid)
     return sums
 
   def _code_counts(self, indices, weights):
@@ -386,6 +397,7 @@ class TokenizerStage:
         vgg_sums.setdefault(group, {})[field] = totals.pop(name)
     count = max(float(totals.pop("count")), 1.0)
     code_counts = np.asarray(totals.pop("code_counts"), np.float64)
+    soft_sums = totals.pop("soft_prob_sums", None)
     metrics = {name: float(value) / count for name, value in totals.items()}
     if inception:
       # rFID: the reconstructions against the real images of the same eval examples. Like
@@ -408,6 +420,11 @@ class TokenizerStage:
     per_book = [reporting.usage_statistics(counts) for counts in code_counts]
     metrics.update({name: float(np.mean([stats[name] for stats in per_book]))
                     for name in ("usage", "perplexity", "dead_codes")})
+    if soft_sums is not None:
+      # exp H(p̄) of the soft distributions: how many codes the prior KL sees in use.
+      metrics["soft_perplexity"] = float(np.mean(
+          [reporting.usage_statistics(row)["perplexity"]
+           for row in np.asarray(soft_sums, np.float64)]))
     return metrics
 
   def eval_images(self, totals: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:

@@ -76,14 +76,17 @@ class Tokenizer(nnx.Module):
         target_dim=TEACHER_FEATURE_DIM, dtype=dtype, rngs=rngs)
         if representation_head else None)
 
+  def quantizer_input(self, images: jax.Array) -> jax.Array | list[jax.Array]:
+    """images [B, H, W, 3] → the quantizer's input [B, H/f, W/f, C] (FQ: one per branch)."""
+    if self.factorized:
+      return [conv(h) for conv, h in zip(self.quant_convs, self.encoder(images))]
+    return self.quant_conv(self.encoder(images))
+
   def encode(self, images: jax.Array, *, key: jax.Array | None = None, step=None,
              deterministic: bool | None = None) -> QuantizerOutput:
     """images [B, H, W, 3] → the quantizer's output on the token grid [B, H/f, W/f]."""
-    if self.factorized:
-      features = [conv(h) for conv, h in zip(self.quant_convs, self.encoder(images))]
-    else:
-      features = self.quant_conv(self.encoder(images))
-    return self.quantizer(features, key=key, step=step, deterministic=deterministic)
+    return self.quantizer(self.quantizer_input(images), key=key, step=step,
+                          deterministic=deterministic)
 
   def decode(self, quantized: jax.Array) -> jax.Array:
     """Codes [B, h, w, D] → images [B, h·f, w·f, 3]."""

@@ -70,6 +70,15 @@ class FactorizedQuantizer(nnx.Module):
     boundaries = list(itertools.accumulate(self.input_features))[:-1]
     return list(jnp.split(z, boundaries, axis=-1))
 
+  def soft_probs(self, z: jax.Array | Sequence[jax.Array], *, step=None) -> jax.Array | None:
+    """M branch features → [B, ..., M, K] soft token distributions, when every
+    sub-quantizer is categorical (Reg-FQ); None otherwise (FQ's nearest codes)."""
+    if not all(hasattr(q, "soft_probs") for q in self.quantizers):
+      return None
+    branches = self.split_input(z) if isinstance(z, jax.Array) else list(z)
+    return jnp.stack([q.soft_probs(branch, step=step)
+                      for q, branch in zip(self.quantizers, branches)], axis=-2)
+
   def __call__(self, z: jax.Array | Sequence[jax.Array], *, key: jax.Array | None = None,
                step=None, deterministic: bool | None = None) -> QuantizerOutput:
     """z: M branch features [B, ..., C_m] (or one tensor to split) → QuantizerOutput."""

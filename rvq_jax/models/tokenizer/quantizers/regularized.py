@@ -92,6 +92,14 @@ class RegularizedQuantizer(nnx.Module):
     """[B, ...] tokens → [B, ..., D] decoder inputs."""
     return ops.lookup(indices, self.codebook[...])
 
+  def soft_probs(self, z: jax.Array, *, step=None) -> jax.Array:
+    """z: [B, ..., C] → [B, ..., K] float32, the p_i whose batch mean the prior KL sees
+    (softmax(ℓ_i/τ), or at `prior_kl_temperature` when set): held-out soft usage."""
+    check_input(type(self).__name__, z, self.in_features)
+    tau = self.prior_kl_temperature or self.temperature(step)
+    logits = self.logits(z, self.codebook[...]).astype(jnp.float32)
+    return jax.nn.softmax(logits / tau, axis=-1)
+
   def __call__(self, z: jax.Array, *, key: jax.Array | None = None, step=None,
                deterministic: bool | None = None) -> QuantizerOutput:
     """z: [B, ..., C] encoder features → QuantizerOutput with quantized [B, ..., D].
