@@ -49,6 +49,12 @@ def absolute(path: PathLike) -> str:
   return os.fspath(path) if is_uri(path) else os.path.abspath(path)
 
 
+def is_file(path: PathLike) -> bool:
+  """Whether `path` names an existing file (not a directory), local or remote."""
+  path = epath.Path(path)
+  return path.exists() and not path.is_dir()
+
+
 def _write(path: PathLike, write: Callable[[IO[bytes]], Any]) -> None:
   """Calls `write(file)` so that `path` appears whole or not at all (see the module doc)."""
   target = epath.Path(path)
