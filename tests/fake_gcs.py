@@ -59,12 +59,16 @@ def fake_gcs(root) -> Iterator[FakeGcs]:
   def two(original, path, destination, *args, **kwargs):
     return original(gcs.local(path), gcs.local(destination), *args, **kwargs)
 
+  # Results name gs:// paths only for a gs:// query: orbax, redirected below, lists its
+  # (local) directory under the root and must get local paths back.
   def glob(original, pattern):
-    return [gcs.remote(found) for found in original(gcs.local(pattern))]
+    found = original(gcs.local(pattern))
+    return [gcs.remote(f) for f in found] if os.fspath(pattern).startswith(PREFIX) else found
 
   def walk(original, top, **kwargs):
+    remote = os.fspath(top).startswith(PREFIX)
     for directory, subdirs, files in original(gcs.local(top), **kwargs):
-      yield gcs.remote(directory), subdirs, files
+      yield gcs.remote(directory) if remote else directory, subdirs, files
 
   real_manager = ocp.CheckpointManager
   real_writer = metric_writers.create_default_writer
