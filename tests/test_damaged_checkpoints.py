@@ -251,3 +251,13 @@ def test_main_names_an_unwritable_workdir_in_one_line_and_exits_2():
   errors = [line for line in result.stderr.splitlines() if line.startswith("rvq_jax: error:")]
   assert errors == [errors[0]] and "--workdir /proc/foo cannot be written" in errors[0]
   assert "Traceback" not in result.stderr
+
+
+def test_an_unreadable_metrics_json_counts_as_not_finished(tmp_path, caplog):
+  from rvq_jax.train import stages
+  (tmp_path / "metrics.json").write_text('{"step": 6, "psnr"')  # Cut short.
+  with caplog.at_level(logging.WARNING):
+    assert stages.finished_step(str(tmp_path)) is None
+  assert any(str(tmp_path / "metrics.json") in r.getMessage() for r in caplog.records)
+  (tmp_path / "metrics.json").write_text('{"step": 6}')
+  assert stages.finished_step(str(tmp_path)) == 6
