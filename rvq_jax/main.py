@@ -46,6 +46,7 @@ def main(argv) -> int:
   import jax
   config_lib.check_batch_divides(config, jax.device_count(), jax.process_count())
   workdir = _WORKDIR.value
+  _check_writable(workdir)
 
   from rvq_jax.train import inference
   from rvq_jax.train import loop
@@ -87,6 +88,19 @@ def main(argv) -> int:
       prior_inference.sample(stages.build(config, prior, workdir=workdir), config,
                              os.path.join(workdir, prior), _NUM_SAMPLES.value, output)
   return 0
+
+
+def _check_writable(workdir: str) -> None:
+  """Refuses, in one line, a directory this mode must write to but cannot — now rather
+  than at the first save, after building and compiling everything."""
+  from etils import epath
+
+  from rvq_jax import files
+  if _MODE.value != "reconstruct":  # It only reads the workdir; the others write into it.
+    files.ensure_writable_dir(workdir, "--workdir")
+  if _OUTPUT.value:  # encode's --output is a file, the other modes' a folder.
+    output = epath.Path(_OUTPUT.value)
+    files.ensure_writable_dir(output.parent if _MODE.value == "encode" else output, "--output")
 
 
 def run() -> None:

@@ -27,7 +27,10 @@ from typing import Sequence
 
 import numpy as np
 from absl import logging
+from etils import epath
 from PIL import Image
+
+from rvq_jax import files
 
 Example = dict[str, Any]
 
@@ -47,6 +50,11 @@ EMBEDDED_CROP_STREAM = 0x656D62  # "emb"
 # ------------------------------------------------------------------- decoding
 
 
+def _binary(data: bytes | str | os.PathLike):
+  """Encoded bytes, or a local or gs:// file, as a binary file object for PIL."""
+  return io.BytesIO(data) if isinstance(data, bytes) else epath.Path(data).open("rb")
+
+
 def decode_image(data: bytes | str | os.PathLike) -> np.ndarray:
   """Decodes encoded bytes or a file path to uint8 (H, W, 3) RGB.
 
@@ -54,8 +62,7 @@ def decode_image(data: bytes | str | os.PathLike) -> np.ndarray:
   EXIF orientation is ignored on purpose, as in tf.image / TFDS decoding, so pixels
   and label maps stay aligned and match the reference statistics of FID.
   """
-  handle = io.BytesIO(data) if isinstance(data, bytes) else data
-  with Image.open(handle) as image:
+  with _binary(data) as handle, Image.open(handle) as image:
     # convert() forces a full decode, so a truncated file raises here, not later.
     return np.asarray(image.convert("RGB"))
 
@@ -65,8 +72,7 @@ def decode_label_map(data: bytes | str | os.PathLike) -> np.ndarray:
 
   Palette ('P') images keep their palette indices: the index is the class.
   """
-  handle = io.BytesIO(data) if isinstance(data, bytes) else data
-  with Image.open(handle) as image:
+  with _binary(data) as handle, Image.open(handle) as image:
     if image.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
       raise ValueError(f"label map {_describe(data)} has mode {image.mode!r}; expected a "
                        "single-channel index image (PNG mode L, P, I or I;16).")
@@ -94,15 +100,15 @@ def _describe(data: Any) -> str:
 def _probe(path: str, label_map_path: str | None) -> str | None:
   """Cheap header check: returns why the pair is unusable, or None if it looks fine."""
   try:
-    with Image.open(path) as image:
+    with _binary(path) as handle, Image.open(handle) as image:
       image.size  # noqa: B018  (reading the header is the check)
   except Exception as error:  # noqa: BLE001  (any failure means "unreadable")
     return f"unreadable image: {type(error).__name__}: {error}"
   if label_map_path is not None:
-    if not os.path.isfile(label_map_path):
+    if not files.is_file(label_map_path):
       return f"missing label map {label_map_path}"
     try:
-      with Image.open(label_map_path) as label_map:
+      with _binary(label_map_path) as handle, Image.open(handle) as label_map:
         label_map.size  # noqa: B018
     except Exception as error:  # noqa: BLE001
       return f"unreadable label map {label_map_path}: {type(error).__name__}: {error}"
@@ -182,20 +188,19 @@ class ImageSource:
 
 
 def _walk_images(root: str) -> list[str]:
-  """Relative paths (posix separators) of image files under `root`, sorted.
+  """Relative paths (posix separators) of image files under `root` (local or gs://), sorted.
 
   Dot-files and dot-directories are ignored: they are editor and OS debris (e.g.
   macOS '._x.jpg' resource forks), not images. Sorting the relative path strings
   makes the order identical on every host and every file system.
   """
   found = []
-  for directory, subdirs, files in os.walk(root, followlinks=True):
+  for directory, subdirs, names in files.walk(root):
     subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-    for name in files:
+    for name in names:
       if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
         continue
-      relative = os.path.relpath(os.path.join(directory, name), root)
-      found.append(relative.replace(os.sep, "/"))
+      found.append(epath.Path(directory, name).relative_to(root).as_posix())
   return sorted(found)
 
 
@@ -223,9 +228,9 @@ class FolderSource(ImageSource):
     super().__init__()
     self.path = os.fspath(path)
     self.label_path = os.fspath(label_path) if label_path else None
-    if not os.path.isdir(self.path):
+    if not epath.Path(self.path).is_dir():
       raise ValueError(f"image folder {self.path!r} does not exist or is not a directory.")
-    if self.label_path is not None and not os.path.isdir(self.label_path):
+    if self.label_path is not None and not epath.Path(self.label_path).is_dir():
       raise ValueError(f"label map folder {self.label_path!r} does not exist or is not a "
                        "directory.")
     relative_paths = _walk_images(self.path)
@@ -461,7 +466,7 @@ def load_embedded_photo(name: str) -> np.ndarray:
       import skimage.data  # Deferred: only the embedded source needs scikit-image.
 
       path = os.path.join(os.path.dirname(skimage.data.__file__), EMBEDDED_PHOTOS[name])
-      if not os.path.isfile(path):
+      if not os.path.isfile(path):  # Inside an installed package: always local.
         raise ValueError(f"embedded photo {name!r} is not in the installed scikit-image "
                          f"wheel (looked for {path}); install scikit-image>=0.24 from a "
                          "wheel, or use source='folder' or 'tfds'.")
@@ -554,9 +559,8 @@ def read_idx(path: str) -> np.ndarray:
   """
   import gzip  # Deferred: only IDX sources read gzip.
 
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  with epath.Path(path).open("rb") as f:
+    data = gzip.GzipFile(fileobj=f).read() if path.endswith(".gz") else f.read()
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
     raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4].hex()}).")
   dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
@@ -572,7 +576,7 @@ def read_idx(path: str) -> np.ndarray:
 def _idx_file(directory: str, stem: str) -> str:
   for name in (stem + ".gz", stem):
     path = os.path.join(directory, name)
-    if os.path.isfile(path):
+    if files.is_file(path):
       return path
   raise FileNotFoundError(
       f"no {stem}.gz (or {stem}) in {directory}. Fashion-MNIST's files come with Debian's "

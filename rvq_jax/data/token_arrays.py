@@ -17,12 +17,12 @@ as grain advises for in-memory data).
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import numpy as np
 
+from rvq_jax import files
 from rvq_jax.data.iterator import BatchIterator
 
 TOKEN_FIELDS = ("label", "label_map")
@@ -32,18 +32,18 @@ class TokenArraySource:
   """The examples of one token .npz, loaded into host memory."""
 
   def __init__(self, path: str):
-    if not os.path.exists(path):
+    if not files.is_file(path):
       raise FileNotFoundError(
           f"token file {path} does not exist; write it with: python -m rvq_jax.main "
           "--config=<config> --workdir=<workdir> --mode=encode --split=<train|eval> "
           f"--output={path}")
-    with np.load(path) as arrays:
-      if "indices" not in arrays:
-        raise ValueError(f"{path} has no 'indices' array (fields: {sorted(arrays.files)}); "
-                         "it was not written by --mode=encode.")
-      self.tokens = np.asarray(arrays["indices"], np.int32)
-      self.fields = {name: np.asarray(arrays[name], np.int32)
-                     for name in TOKEN_FIELDS if name in arrays}
+    arrays = files.load_npz(path)  # Local or gs://.
+    if "indices" not in arrays:
+      raise ValueError(f"{path} has no 'indices' array (fields: {sorted(arrays)}); "
+                       "it was not written by --mode=encode.")
+    self.tokens = np.asarray(arrays["indices"], np.int32)
+    self.fields = {name: np.asarray(arrays[name], np.int32)
+                   for name in TOKEN_FIELDS if name in arrays}
     if self.tokens.ndim not in (3, 4) or not len(self.tokens):
       raise ValueError(f"{path}: 'indices' has shape {self.tokens.shape}; expected "
                        "(N, h, w) or (N, h, w, M) with N > 0.")

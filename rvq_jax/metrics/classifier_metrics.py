@@ -25,7 +25,6 @@ clipped and rounded to 8-bit levels first, as for FID: the reference images are 
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 from typing import NamedTuple
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from rvq_jax import files
 from rvq_jax.metrics import fid
 from rvq_jax.models import pretrained
 from rvq_jax.models.pretrained import classifier as classifier_lib
@@ -187,7 +187,7 @@ def load_eval_classifier(config) -> EvalClassifier | None:
     path = pretrained.resolve_weights_path(classifier_lib.NETWORK_NAME, configured or None)
   except FileNotFoundError:
     path = None
-  if path is None or not os.path.isfile(path):
+  if path is None or not files.is_file(path):
     log = logging.warning if configured else logging.info
     log("No classifier weights at %s (config weights.classifier): evaluation reports no "
         "class accuracy or classifier FD. Make the file with:\n  %s",

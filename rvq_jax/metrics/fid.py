@@ -43,7 +43,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Mapping
@@ -55,6 +54,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from rvq_jax import files
 from rvq_jax.models import pretrained
 
 # Bumped whenever the way reference statistics are computed changes: old caches go stale.
@@ -310,18 +310,18 @@ def load_reference(path: str) -> Reference:
     FileNotFoundError: no such file.
     ValueError: the file has no `mu`/`sigma`, or their shapes do not fit.
   """
-  if not os.path.isfile(path):
+  if not files.is_file(path):
     raise FileNotFoundError(f"Statistics file {path} does not exist; make it with "
                             "rvq_jax.metrics.fid.reference_statistics (FID) or "
                             "feature_reference (any feature space).")
-  with np.load(path, allow_pickle=False) as archive:
-    if "mu" not in archive.files or "sigma" not in archive.files:
-      raise ValueError(f"{path} holds {archive.files}, not FID statistics (mu, sigma).")
-    mu = np.asarray(archive["mu"], np.float64)
-    sigma = np.asarray(archive["sigma"], np.float64)
-    key = str(archive["key"]) if "key" in archive.files else None
-    count = float(archive["count"]) if "count" in archive.files else math.nan
-    rows = np.asarray(archive["features"], np.float32) if "features" in archive.files else None
+  archive = files.load_npz(path)  # Local or gs:// (a bucket next to the checkpoints).
+  if "mu" not in archive or "sigma" not in archive:
+    raise ValueError(f"{path} holds {sorted(archive)}, not FID statistics (mu, sigma).")
+  mu = np.asarray(archive["mu"], np.float64)
+  sigma = np.asarray(archive["sigma"], np.float64)
+  key = str(archive["key"]) if "key" in archive else None
+  count = float(archive["count"]) if "count" in archive else math.nan
+  rows = np.asarray(archive["features"], np.float32) if "features" in archive else None
   if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
     raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together.")
   if rows is not None and (rows.ndim != 2 or rows.shape[1] != mu.shape[0]):
@@ -457,7 +457,7 @@ def feature_reference(data_config, split: str, space: FeatureSpace, cache_path: 
   """
   key = reference_key(data_config, split, space, max_examples=max_examples,
                       quantize=quantize, max_rows=max_rows)
-  if cache_path and os.path.isfile(cache_path):
+  if cache_path and files.is_file(cache_path):
     cached = load_reference(cache_path)
     if cached.key == key:
       logging.info("Reference statistics (%s) from %s.", space.name, cache_path)

@@ -27,7 +27,6 @@ Frozen pretrained networks are random (`weights.random`) unless
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 from typing import Any
@@ -37,6 +36,8 @@ from typing import Sequence
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from rvq_jax import files
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with ':variant' (see configs/).", lock_config=False)
@@ -264,8 +265,7 @@ def main(argv) -> int:
   for report in reports:
     print("\n".join(report.lines()))
   if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump([dataclasses.asdict(r) for r in reports], f, indent=2)
+    files.write_json(_JSON.value, [dataclasses.asdict(r) for r in reports])
   return 0
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from absl import app
 from absl import flags
 from flax import nnx
 
+from rvq_jax import files
 from rvq_jax.data import preprocess
 from rvq_jax.data import sources
 from rvq_jax.metrics import classifier_metrics
@@ -272,10 +272,10 @@ def train_classifier(idx_dir: str, output: str, settings: Settings = Settings(),
       "train_time_s": round(train_seconds, 1),
       "wall_time_s": round(wall_time, 1),
       "settings": dataclasses.asdict(settings),
-      "output": os.path.abspath(output),
+      "output": files.absolute(output),
   }
   metadata = {
-      "input": {"dataset": f"the IDX files in {os.path.abspath(idx_dir)}",
+      "input": {"dataset": f"the IDX files in {files.absolute(idx_dir)}",
                 "source_size": source_size, "image_size": settings.image_size,
                 "pad_to": settings.image_size, "channels": 3,
                 "color": "gray replicated to RGB", "value_range": [-1, 1]},
@@ -290,10 +290,7 @@ def train_classifier(idx_dir: str, output: str, settings: Settings = Settings(),
   classifier_lib.save_classifier(model, output, metadata,
                                  reference=(mu, sigma, totals["classifier_count"]))
   report_path = output[:-len(".npz")] + ".json"
-  temporary = report_path + ".tmp"
-  with open(temporary, "w") as file:
-    json.dump(report, file, indent=2, sort_keys=True)
-  os.replace(temporary, report_path)
+  files.write_json(report_path, report)
   log("test accuracy %.4f (%.2f%%) on the %d t10k images; wall time %.0f s; wrote %s and %s",
       test_accuracy, 100 * test_accuracy, report["test_examples"], wall_time, output,
       report_path)

@@ -1,17 +1,17 @@
 """The tokenizer's non-training modes: evaluate, reconstruct images, encode a data set."""
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
-from PIL import Image
 
+from rvq_jax import files
 from rvq_jax.data import factory as data_factory
 from rvq_jax.data.iterator import BatchIterator
 from rvq_jax.data.sources import FolderSource
@@ -30,8 +30,7 @@ def evaluate(stage, loop_config: loop.LoopConfig, workdir: str) -> dict[str, flo
         stage, lambda batch: eval_step(container, constants, batch), mesh,
         max_rows=loop_config.max_eval_rows)}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
-      json.dump(metrics, f, indent=2, sort_keys=True)
+    files.write_json(epath.Path(workdir) / "eval_metrics.json", metrics)
   logging.info("Evaluation of %s at step %d: %s", stage.name, step, metrics)
   return metrics
 
@@ -63,7 +62,7 @@ def reconstruct(config: ml_collections.ConfigDict, workdir: str, input_dir: str,
     return model(images, deterministic=True)[0]
 
   written = 0
-  os.makedirs(output_dir, exist_ok=True)
+  epath.Path(output_dir).mkdir(parents=True, exist_ok=True)
   batch_size = config.tokenizer.eval.batch_size
   with jax.set_mesh(mesh), _ordered_iterator(config, source, batch_size) as it:
     for batch in it:
@@ -74,7 +73,7 @@ def reconstruct(config: ml_collections.ConfigDict, workdir: str, input_dir: str,
       for row, (index, valid) in enumerate(zip(batch["index"], batch["valid"])):
         if valid:
           name = os.path.splitext(source.relative_paths[int(index)])[0].replace(os.sep, "_")
-          Image.fromarray(reconstructions[row]).save(os.path.join(output_dir, name + ".png"))
+          files.save_png(epath.Path(output_dir) / (name + ".png"), reconstructions[row])
           written += 1
   logging.info("Wrote %d reconstructions to %s.", written, output_dir)
   return written
@@ -112,8 +111,8 @@ def encode(config: ml_collections.ConfigDict, workdir: str, split: str, output: 
       for name, value in fields.items():
         parts.setdefault(name, []).append(np.asarray(value)[valid])
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    np.savez(output, step=step, **{name: np.concatenate(p) for name, p in parts.items()})
+    files.save_npz(output, {"step": step,
+                            **{name: np.concatenate(p) for name, p in parts.items()}})
     logging.info("Encoded %d images of the %s split to %s.",
                  sum(len(p) for p in parts["indices"]), split, output)
   return output

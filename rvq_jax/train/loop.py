@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import signal
 import threading
 from typing import Any
@@ -23,12 +22,14 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from rvq_jax import files
 from rvq_jax import parallel
 from rvq_jax.data.iterator import to_global_array
 from rvq_jax.train import checkpoint as checkpoint_lib
@@ -240,15 +241,30 @@ class Prepared:
     return jax.jit(lambda: nnx.state(self.stage.create(nnx.Rngs(self.config.seed))),
                    out_shardings=self.state_shardings)()
 
+  def _restore_target(self):
+    return checkpoint_lib.abstract_with_shardings(
+        nnx.to_pure_dict(self.abstract_state), nnx.to_pure_dict(self.state_shardings))
+
+  def _filled(self, pure_state) -> nnx.State:
+    state = jax.tree.map(lambda leaf: leaf, self.abstract_state)  # A copy to fill.
+    nnx.replace_by_pure_dict(state, pure_state)
+    return state
+
   def restore(self, checkpointer: checkpoint_lib.Checkpointer, step: int):
     """(state, data-iterator state, progress) of the checkpoint of `step`, restored onto
     the state's shardings."""
-    target = checkpoint_lib.abstract_with_shardings(
-        nnx.to_pure_dict(self.abstract_state), nnx.to_pure_dict(self.state_shardings))
-    pure_state, data_state, progress = checkpointer.restore(step, target)
-    state = jax.tree.map(lambda leaf: leaf, self.abstract_state)  # A copy to fill.
-    nnx.replace_by_pure_dict(state, pure_state)
-    return state, data_state, progress
+    pure_state, data_state, progress = checkpointer.restore(step, self._restore_target())
+    return self._filled(pure_state), data_state, progress
+
+  def restore_latest(self, checkpointer: checkpoint_lib.Checkpointer, *, move_damaged: bool):
+    """(state, data-iterator state, progress) of the newest checkpoint that restores, or
+    None without any; a damaged newer one is skipped with a warning (see
+    `Checkpointer.restore_latest`, which raises when checkpoints exist but none restores)."""
+    restored = checkpointer.restore_latest(self._restore_target(), move_damaged=move_damaged)
+    if restored is None:
+      return None
+    _, pure_state, data_state, progress = restored
+    return self._filled(pure_state), data_state, progress
 
   def constants(self) -> Any:
     """The stage's constants, replicated on the mesh (every step's second argument)."""
@@ -315,20 +331,24 @@ def prepare(stage: Stage, config: LoopConfig, mesh: Mesh | None = None) -> Prepa
 def load_trained(stage: Stage, config: LoopConfig, workdir: str):
   """The stage's container from the latest checkpoint in `workdir`, for inference.
 
+  A damaged newest checkpoint is skipped with a warning (and left in place).
+
   Returns (container, constants, mesh, step). Raises FileNotFoundError with the command
   that trains the stage when there is no checkpoint.
   """
   prepared = prepare(stage, config)
+  directory = str(epath.Path(workdir) / "checkpoints")
   with jax.set_mesh(prepared.mesh):
-    checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                               asynchronous=False)
-    latest = checkpointer.latest_step()
-    if latest is None:
+    checkpointer = checkpoint_lib.Checkpointer(directory, asynchronous=False, read_only=True)
+    try:
+      restored = prepared.restore_latest(checkpointer, move_damaged=False)
+    finally:
+      checkpointer.close()
+    if restored is None:
       raise FileNotFoundError(
-          f"no {stage.name} checkpoint in {os.path.join(workdir, 'checkpoints')}; train the "
+          f"no {stage.name} checkpoint in {directory}; train the "
           f"stage first: python -m rvq_jax.main --config=<config> --workdir=<workdir>")
-    state, _, progress = prepared.restore(checkpointer, latest)
-    checkpointer.close()
+    state, _, progress = restored
     constants = prepared.constants()
   return prepared.merge(state), constants, prepared.mesh, int(progress["step"])
 
@@ -337,21 +357,30 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
   """Trains `stage` to `config.num_steps` in `workdir`, resuming from its latest checkpoint.
 
   Returns the final evaluation metrics (also written to `workdir/metrics.json`).
+
+  Raises:
+    files.UnwritableDirectoryError: `workdir` cannot be written (before anything compiles).
+    checkpoint.NoUsableCheckpointError: checkpoints exist but none restores.
   """
-  os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
+  files.ensure_writable_dir(workdir)
   prepared = prepare(stage, config)
   mesh = prepared.mesh
   base_key = jax.random.key(config.seed)
 
   with jax.set_mesh(mesh):
     checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+        str(epath.Path(workdir) / "checkpoints"), keep=config.keep_checkpoints,
         asynchronous=config.asynchronous_checkpoints)
     iterator = stage.train_iterator(jax.process_index(), jax.process_count())
     start_step = 0
-    latest = checkpointer.latest_step()
+    try:
+      latest = prepared.restore_latest(checkpointer, move_damaged=True)
+    except BaseException:
+      checkpointer.close()  # Its background clean-up must not outlive the error.
+      raise
     if latest is not None:
-      state, data_state, progress = prepared.restore(checkpointer, latest)
+      # State, data position and step all come from one checkpoint (see checkpoint.py).
+      state, data_state, progress = latest
       iterator.restore(data_state)
       start_step = int(progress["step"])
     else:

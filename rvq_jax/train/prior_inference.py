@@ -1,14 +1,13 @@
 """A trained prior's `sample` mode: N images (PNG) and their tokens (.npz)."""
 from __future__ import annotations
 
-import os
-
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from PIL import Image
+from etils import epath
 
+from rvq_jax import files
 from rvq_jax.train import loop
 from rvq_jax.train import reporting
 from rvq_jax.train.prior_stage import PriorStage
@@ -60,12 +59,12 @@ def sample(stage: PriorStage, config: ml_collections.ConfigDict, workdir: str,
           decode_images(tokenizer, batch_tokens)))))
       tokens.append(np.asarray(jax.device_get(batch_tokens)))
   if jax.process_index() == 0:
-    os.makedirs(output_dir, exist_ok=True)
+    directory = epath.Path(output_dir)
     for index, image in enumerate(np.concatenate(images)):
-      Image.fromarray(image).save(os.path.join(output_dir, f"sample_{index:05d}.png"))
+      files.save_png(directory / f"sample_{index:05d}.png", image)
     extra = {} if conditions is None else {"condition": conditions}
-    np.savez(os.path.join(output_dir, "samples.npz"), tokens=np.concatenate(tokens),
-             step=step, **extra)
+    files.save_npz(directory / "samples.npz",
+                   {"tokens": np.concatenate(tokens), "step": step, **extra})
     logging.info("Wrote %d %s samples of step %d to %s.", num_samples, stage.name, step,
                  output_dir)
   return output_dir

@@ -8,8 +8,6 @@ epath), so a pod can write its summaries to the bucket that holds its checkpoint
 """
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
 import sys
@@ -25,6 +23,8 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
+
+from rvq_jax import files
 
 
 def to_host(array) -> np.ndarray:
@@ -218,17 +218,12 @@ class Reporter:
     self.writer.write_images(step, {name: image[None] for name, image in images.items()})
     if self.is_writer:
       for name, image in images.items():
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="PNG")
-        (self.image_dir / f"{name}_{step:07d}.png").write_bytes(buffer.getvalue())
+        files.save_png(self.image_dir / f"{name}_{step:07d}.png", image)
 
   def write_json(self, name: str, payload: Mapping) -> None:
     """`workdir/name` from process 0, replaced whole (a reader never sees half a file)."""
     if self.is_writer:
-      path = epath.Path(self.workdir) / name
-      temporary = path.parent / (path.name + ".tmp")
-      temporary.write_text(json.dumps(payload, indent=2, sort_keys=True))
-      temporary.replace(path)  # Atomic locally; a single object write on gs:// anyway.
+      files.write_json(epath.Path(self.workdir) / name, payload)
 
   def close(self) -> None:
     self.writer.flush()

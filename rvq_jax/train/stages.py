@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import ml_collections
+from absl import logging
 from etils import epath
 
 from rvq_jax.train.tokenizer_stage import TokenizerStage
@@ -36,8 +37,17 @@ def build(config: ml_collections.ConfigDict, name: str, *, workdir: str | None =
 
 
 def finished_step(stage_dir: str) -> int | None:
-  """The step of a stage's final metrics.json (written only when a run completes)."""
+  """The step of a stage's final metrics.json (written only when a run completes).
+
+  An unreadable file counts as not finished (with a warning): the stage then resumes from
+  its checkpoint, which at the last step only evaluates again and rewrites the file.
+  """
   path = epath.Path(stage_dir) / "metrics.json"
   if not path.exists():
     return None
-  return int(json.loads(path.read_text()).get("step", -1))
+  try:
+    return int(json.loads(path.read_text())["step"])
+  except (ValueError, KeyError, TypeError) as error:
+    logging.warning("%s cannot be read (%s: %s); resuming the stage from its checkpoint.",
+                    path, type(error).__name__, error)
+    return None

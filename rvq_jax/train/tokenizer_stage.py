@@ -13,6 +13,7 @@ import optax
 from absl import logging
 from flax import nnx
 
+from rvq_jax import files
 from rvq_jax.data import factory as data_factory
 from rvq_jax.metrics import fd_vgg
 from rvq_jax.metrics import fid as fid_lib
@@ -60,7 +61,7 @@ def _optional_weights(configured: str, network: str) -> str | None:
     path = pretrained.resolve_weights_path(network, configured or None)
   except (FileNotFoundError, ValueError):
     return None
-  return path if os.path.exists(path) else None
+  return path if files.is_file(path) else None
 
 
 def load_eval_inception(config: ml_collections.ConfigDict) -> inception_lib.InceptionV3 | None:

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rvq_jax import files
 from rvq_jax.models import pretrained
 
 NETWORK_NAME = "fashion_mnist_classifier"
@@ -265,7 +266,7 @@ def save_classifier(model: ConvClassifier, path: str | os.PathLike,
 
 def _read_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """(all arrays, the parsed metadata) of a classifier file, checked for its format."""
-  if not os.path.isfile(path):
+  if not files.is_file(path):
     raise FileNotFoundError(
         f"Classifier weight file {path} does not exist. Make it (a few minutes on a CPU) "
         f"with:\n  {pretrained.converter_command(NETWORK_NAME, path)}")

@@ -50,7 +50,7 @@ def package_weights_path() -> str | None:
     return None
   for directory in spec.submodule_search_locations:
     path = os.path.join(directory, PACKAGE_FILE)
-    if os.path.isfile(path):
+    if os.path.isfile(path):  # Inside an installed package: always local.
       return path
   return None
 

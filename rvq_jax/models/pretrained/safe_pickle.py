@@ -35,6 +35,7 @@ import pickle
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 _LATIN1 = {"latin1", "latin-1", "iso-8859-1", "iso8859-1", "l1"}
 
@@ -105,5 +106,5 @@ def loads(data: bytes, *, source: str = "<bytes>") -> Any:
 def load(path: str | os.PathLike) -> Any:
   """Unpickles the file at `path` with `SafeUnpickler`."""
   path = os.fspath(path)
-  with open(path, "rb") as file:
+  with epath.Path(path).open("rb") as file:
     return SafeUnpickler(file, source=path).load()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 
 import jax
@@ -34,6 +33,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from rvq_jax import files
 from rvq_jax.models.pretrained import lpips_package
 
 # Directory searched for `<network>.npz` when no explicit path is given.
@@ -113,7 +113,7 @@ def resolve_weights_path(network: str, path: str | os.PathLike | None = None) ->
     return path
   weights_dir = os.environ.get(WEIGHTS_DIR_ENV_VAR)
   in_dir = os.path.join(weights_dir, f"{network}.npz") if weights_dir else None
-  if in_dir is not None and os.path.isfile(in_dir):
+  if in_dir is not None and files.is_file(in_dir):
     logging.info("%s weights: %s (from $%s).", network, in_dir, WEIGHTS_DIR_ENV_VAR)
     return in_dir
   if network in lpips_package.NETWORKS:
@@ -230,28 +230,18 @@ def check_arrays(
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """All arrays of an `.npz` file (no pickles), by key."""
-  with np.load(os.fspath(path), allow_pickle=False) as archive:
-    return {name: archive[name] for name in archive.files}
+  """All arrays of an `.npz` file (no pickles), by key; local or gs:// (`files.load_npz`)."""
+  return files.load_npz(path)
 
 
 def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
-  """Writes `arrays` to `path` atomically: readers never see a half-written file."""
-  path = os.fspath(path)
-  if not path.endswith(".npz"):
-    # np.savez would silently append ".npz" to a path, and the loader would then miss it.
-    raise ValueError(f"Weight files must end in .npz, got {path!r}.")
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  handle, temporary = tempfile.mkstemp(suffix=".npz.tmp", dir=directory)
-  try:
-    with os.fdopen(handle, "wb") as file:
-      np.savez(file, **{name: np.asarray(array) for name, array in arrays.items()})
-    os.replace(temporary, path)
-  except BaseException:
-    if os.path.exists(temporary):
-      os.remove(temporary)
-    raise
+  """Writes `arrays` to `path` (local or gs://) whole: readers never see half a file.
+
+  Raises:
+    ValueError: `path` does not end in .npz (np.savez would append it, and the loader
+      would then miss the file).
+  """
+  files.save_npz(path, arrays)
 
 
 def load_params(
@@ -286,7 +276,7 @@ def load_params(
   """
   path = os.fspath(path)
   network = network or getattr(module, "pretrained_network", None)
-  if not os.path.isfile(path):
+  if not files.is_file(path):
     how = (
         f" Make it with:\n  {converter_command(network, path)}"
         if network in CONVERTER_INPUTS or network in TRAINING_COMMANDS
