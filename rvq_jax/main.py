@@ -9,6 +9,7 @@ and `sample` (a prior → --num_samples PNGs and their tokens).
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app
@@ -41,6 +42,10 @@ def main(argv) -> int:
   from rvq_jax import config as config_lib  # After absl parsed flags (and JAX settings).
   config = _CONFIG.value
   config_lib.validate(config)
+  # Every split a mode reads must exist before anything is built or compiled: a missing
+  # eval folder would otherwise surface at the first evaluation, hours in.
+  from rvq_jax.data import factory as data_factory
+  data_factory.check_sources(config.data, _splits_read(config))
   from rvq_jax import parallel
   parallel.initialize_distributed()
   import jax
@@ -60,6 +65,10 @@ def main(argv) -> int:
         logging.warning("%s: finished at step %d already (%s/metrics.json); skipping it.",
                         stage_name, done, stage_dir)
         continue
+      if num_steps == 0:
+        logging.warning("%s.train.num_steps=0: the stage will be evaluated and marked "
+                        "finished with its freshly initialized (untrained) model.",
+                        stage_name)
       metrics = loop.run(stages.build(config, stage_name, workdir=workdir),
                          loop.loop_config_from(config, stage_name), stage_dir)
       logging.info("%s finished: %s", stage_name, metrics)
@@ -71,10 +80,12 @@ def main(argv) -> int:
   elif _MODE.value == "reconstruct":
     if not _INPUT.value or not _OUTPUT.value:
       raise app.UsageError("--mode=reconstruct needs --input and --output folders.")
-    inference.reconstruct(config, tokenizer_dir, _INPUT.value, _OUTPUT.value)
+    written = inference.reconstruct(config, tokenizer_dir, _INPUT.value, _OUTPUT.value)
+    print(f"rvq_jax: wrote {written} reconstructions (PNG) to {_OUTPUT.value}.")
   elif _MODE.value == "encode":
     output = _OUTPUT.value or os.path.join(tokenizer_dir, f"tokens_{_SPLIT.value}.npz")
     inference.encode(config, tokenizer_dir, _SPLIT.value, output)
+    print(f"rvq_jax: wrote the {_SPLIT.value} split's tokens to {output}.")
   elif _MODE.value == "sample":
     priors = ((_STAGE.value,) if _STAGE.value else
               tuple(s for s in config.stages if s != "tokenizer"))
@@ -86,7 +97,57 @@ def main(argv) -> int:
                 _OUTPUT.value or os.path.join(workdir, prior, "samples"))
       prior_inference.sample(stages.build(config, prior, workdir=workdir), config,
                              os.path.join(workdir, prior), _NUM_SAMPLES.value, output)
+      print(f"rvq_jax: wrote {_NUM_SAMPLES.value} {prior} samples to {output} "
+            "(sample_00000.png …, and their tokens in samples.npz).")
   return 0
+
+
+def _splits_read(config) -> tuple[str, ...]:
+  """The data splits the chosen mode reads from config.data."""
+  if _MODE.value == "train":
+    return ("train", "eval")
+  if _MODE.value == "eval":
+    return ("eval",)
+  if _MODE.value == "encode":
+    return (_SPLIT.value,)
+  if _MODE.value == "sample" and config.prior.condition == "semantic":
+    return ("eval",)  # Label maps of held-out images condition the samples.
+  return ()
+
+
+def _flag_error(error: Exception, argv: list[str]) -> str:
+  """One line for an error raised while parsing the flags and loading the config."""
+  text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+  # ml_collections on a misspelt override: "'key'\nDid you mean "name" instead of "key"?"
+  key = re.match(r"""\W*'([^']+)'""", text)
+  if isinstance(error, (AttributeError, KeyError)) and key:
+    key = key.group(1)
+    override = next((arg.split("=", 1)[0] for arg in argv if arg.startswith("--config.")
+                     and f".{key}" in arg.split("=", 1)[0]), None)
+    where = f" ({override})" if override else ""
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    hint = f"; did you mean {hint.group(1)!r}?" if hint else "."
+    return f"the config has no key {key!r}{where}{hint}"
+  if "Failed loading config file" in text or "Configuration is not available" in text:
+    cause = error.__cause__ or error.__context__
+    reasons = [line.strip() for line in str(cause or error).splitlines()
+               if "Errno" in line or "Error" in line]
+    config = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), "")
+    return f"cannot load --config={config}: {reasons[-1] if reasons else text.strip()}"
+  return " ".join(text.split())
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with the config loaded here too, so that a bad flag, a missing
+  config file or a misspelt `--config.` key is one `rvq_jax: error:` line (exit 2)
+  instead of a traceback."""
+  try:
+    remaining = flags.FLAGS(argv)
+    _CONFIG.value  # noqa: B018  (loads the config file and applies the overrides)
+  except Exception as error:  # noqa: BLE001  (every parse failure is the user's to fix)
+    print(f"rvq_jax: error: {_flag_error(error, argv)}", file=sys.stderr)
+    sys.exit(2)
+  return remaining
 
 
 def run() -> None:
@@ -96,7 +157,7 @@ def run() -> None:
     try:
       return main(argv)
     except (ValueError, FileNotFoundError) as error:
-      logging.error("%s", error)
+      # Printed once: a log line as well would repeat it.
       print(f"rvq_jax: error: {error}", file=sys.stderr)
       return 2
     except FloatingPointError as error:
@@ -105,7 +166,7 @@ def run() -> None:
     except parallel.DistributedInitError as error:
       print(f"rvq_jax: error: {error}", file=sys.stderr)
       return 4
-  app.run(wrapped)
+  app.run(wrapped, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

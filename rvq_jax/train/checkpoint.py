@@ -23,6 +23,23 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 
+class _Manager(ocp.CheckpointManager):
+  """A CheckpointManager that leaves JAX's preemption service to the training loop.
+
+  The service takes each process's last `reached_preemption_sync_point` argument as its
+  position and sets the common save step just past the largest. Orbax asks too, with
+  the checkpoint's step, from `save` and from the thread that finalizes an asynchronous
+  save, at any moment: not the loop's step id (a count of its calls), and from that
+  thread an old one. Should the service read it then, the agreed step could lie behind
+  the loop, never be reached, and a preempted job would not save. The loop alone asks
+  (`loop._Preemption`), once per step.
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` for one stage's directory."""
 
@@ -31,7 +48,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous,
         cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(
+    self._manager = _Manager(
         self.directory, item_names=("state", "data", "progress"), options=options)
 
   def latest_step(self) -> int | None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import logging
 import os
 import signal
 import threading
@@ -112,30 +114,66 @@ class LoopConfig:
   max_eval_rows: int | None = None
 
 
-class _PreemptionFlag:
-  """Set by SIGTERM/SIGINT (single host) so the loop saves and stops at the next step."""
+# Every process counts its calls of the preemption service's sync point the same way
+# (same stages, same steps, from the same checkpoint), so this count is a step id they
+# share; unlike a stage's step it never repeats when the next stage starts from 0, where
+# a sync point agreed near the end of one stage would otherwise be met again.
+_SYNC_POINT_CALLS = itertools.count(1)
+
+
+class _Preemption:
+  """Says, once per step, whether the job is being preempted and must save and stop.
+
+  One process: SIGTERM/SIGINT set a flag (a Python handler), read after the step in
+  flight, so the run saves and stops at the next step.
+
+  Several processes: JAX's preemption service. `jax.distributed.initialize` installs a
+  C SIGTERM handler whose listener thread (polling once a second) posts the notice to
+  the coordination service; every process's service thread then reports its latest
+  step id, waits at one barrier and takes the largest + 1 as the step at which all save
+  (`multihost_utils.reached_preemption_sync_point`). Asking is a local, lock-guarded
+  comparison: no step waits for another host unless a notice arrived. The notice
+  therefore reaches the loop up to ~1 s (plus the barrier) after SIGTERM: at a few steps
+  per second the run goes on for a few steps before its save; every process saves at
+  the same one. A Python SIGTERM handler would displace JAX's, so there is none here;
+  SIGINT (Ctrl-C) is turned into a SIGTERM to this process and takes the same path.
+  """
 
   def __init__(self):
     self.requested = threading.Event()
     self._previous = {}
+    self._service = jax.process_count() > 1
 
   def __enter__(self):
+    if self._service:
+      if not jax.config.jax_enable_preemption_service:
+        raise RuntimeError(
+            "this multi-process run has no JAX preemption service, so its processes "
+            "could not agree on a step to save at when one is preempted: leave "
+            "jax_enable_preemption_service on (JAX's default).")
+      if callable(signal.getsignal(signal.SIGTERM)):
+        # getsignal reports Python's own table: a callable is a Python handler, and it
+        # replaced JAX's C handler when it was installed.
+        logging.warning("A Python SIGTERM handler replaced JAX's preemption notifier: "
+                        "a SIGTERM will not make the processes save and stop together.")
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, lambda *_: self.requested.set())
+      if self._service:
+        self._previous[signal.SIGINT] = signal.signal(
+            signal.SIGINT, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+      else:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+          self._previous[sig] = signal.signal(sig, lambda *_: self.requested.set())
     return self
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
-
-def _should_stop_for_preemption(flag: _PreemptionFlag, step: int) -> bool:
-  local = flag.requested.is_set()
-  if jax.process_count() == 1:
-    return local
-  # Every process must agree, or one would wait forever in the save collective.
-  return bool(multihost_utils.process_allgather(np.array(local)).any())
+  def reached(self) -> bool:
+    """Whether to save and stop after the step just dispatched (call once per step)."""
+    if self._service:
+      return multihost_utils.reached_preemption_sync_point(next(_SYNC_POINT_CALLS))
+    return self.requested.is_set()
 
 
 def global_batch(batch: Batch, mesh) -> dict[str, jax.Array]:
@@ -404,7 +442,7 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
 
     step = start_step
     train_metrics: dict[str, float] = {}
-    with _PreemptionFlag() as preemption:
+    with _Preemption() as preemption:
       while step < config.num_steps:
         batch = next(iterator)
         key = jax.random.fold_in(base_key, step)
@@ -422,7 +460,7 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
           evaluate(state, step)
         if step % config.checkpoint_every == 0 and step < config.num_steps:
           save(step)
-        if _should_stop_for_preemption(preemption, step):
+        if preemption.reached():
           save(step)
           checkpointer.close()
           _close(iterator)
