@@ -2,12 +2,15 @@
 
 Runs the config's stages in order (tokenizer → ar → diffusion), each in
 `workdir/<stage>/`, resuming a stage that has a checkpoint and skipping one that has
-finished. Other modes act on trained stages: `eval` (--stage), `reconstruct` (--input
-folder → --output folder of PNGs), `encode` (--split → token array .npz for the priors)
-and `sample` (a prior → --num_samples PNGs and their tokens).
+finished; a checkpoint saved with other data stops the run with an error unless
+`--accept_data_change`. Other modes act on trained stages: `eval` (--stage),
+`reconstruct` (--input folder → --output folder of PNGs), `encode` (--split → token
+array .npz for the priors) and `sample` (a prior → --num_samples PNGs and their tokens).
+Bad flags, configs and data end in one `rvq_jax: error:` line and exit code 2.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -31,6 +34,10 @@ _OUTPUT = flags.DEFINE_string("output", None, "reconstruct: output folder; encod
                               "(default workdir/tokenizer/tokens_<split>.npz); sample: output "
                               "folder (default workdir/<prior>/samples).")
 _SPLIT = flags.DEFINE_enum("split", "train", ["train", "eval"], "encode: which split.")
+_ACCEPT_DATA_CHANGE = flags.DEFINE_bool(
+    "accept_data_change", False, "train: resume a checkpoint saved with other data (another "
+    "example count, batch size or seed) at its step in the new data's order, instead of "
+    "stopping with an error.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -69,8 +76,10 @@ def main(argv) -> int:
         logging.warning("%s.train.num_steps=0: the stage will be evaluated and marked "
                         "finished with its freshly initialized (untrained) model.",
                         stage_name)
-      metrics = loop.run(stages.build(config, stage_name, workdir=workdir),
-                         loop.loop_config_from(config, stage_name), stage_dir)
+      loop_config = dataclasses.replace(loop.loop_config_from(config, stage_name),
+                                        accept_data_change=_ACCEPT_DATA_CHANGE.value)
+      metrics = loop.run(stages.build(config, stage_name, workdir=workdir), loop_config,
+                         stage_dir)
       logging.info("%s finished: %s", stage_name, metrics)
   elif _MODE.value == "eval":
     stage_name = _STAGE.value or "tokenizer"
@@ -117,23 +126,27 @@ def _splits_read(config) -> tuple[str, ...]:
 
 def _flag_error(error: Exception, argv: list[str]) -> str:
   """One line for an error raised while parsing the flags and loading the config."""
-  text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-  # ml_collections on a misspelt override: "'key'\nDid you mean "name" instead of "key"?"
-  key = re.match(r"""\W*'([^']+)'""", text)
-  if isinstance(error, (AttributeError, KeyError)) and key:
-    key = key.group(1)
+  text = str(error).replace("\\'", "'")
+  config_flag = next((arg for arg in argv if arg.startswith("--config=")), "--config")
+  # ml_collections on a misspelt override: 'key'\nDid you mean "name" instead of "key"?
+  hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+  key = hint.group(2) if hint else None
+  if key is None and isinstance(error, (AttributeError, KeyError)):
+    quoted = re.search(r"'([^']+)'", text)
+    key = quoted.group(1) if quoted else None
+  if key is not None:
     override = next((arg.split("=", 1)[0] for arg in argv if arg.startswith("--config.")
                      and f".{key}" in arg.split("=", 1)[0]), None)
     where = f" ({override})" if override else ""
-    hint = re.search(r'Did you mean "([^"]+)"', text)
-    hint = f"; did you mean {hint.group(1)!r}?" if hint else "."
-    return f"the config has no key {key!r}{where}{hint}"
-  if "Failed loading config file" in text or "Configuration is not available" in text:
-    cause = error.__cause__ or error.__context__
-    reasons = [line.strip() for line in str(cause or error).splitlines()
-               if "Errno" in line or "Error" in line]
-    config = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), "")
-    return f"cannot load --config={config}: {reasons[-1] if reasons else text.strip()}"
+    suggestion = f"; did you mean {hint.group(1)!r}?" if hint else "."
+    return f"the config has no key {key!r}{where}{suggestion}"
+  if "Errno" in text:  # The config file cannot be read.
+    reason = [line.strip() for line in text.splitlines() if "Errno" in line][-1]
+    return f"cannot load {config_flag}: {reason}"
+  if "Traceback (most recent call last)" in text:
+    # The config file's get_config raised: its own message is the last line.
+    last = re.split(r"\b\w+(?:Error|Exception): ", text)[-1]
+    return f"{config_flag}: {' '.join(last.split())}"
   return " ".join(text.split())
 
 
@@ -143,7 +156,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
   instead of a traceback."""
   try:
     remaining = flags.FLAGS(argv)
-    _CONFIG.value  # noqa: B018  (loads the config file and applies the overrides)
+    # A config file that failed to load raises only when the config is first read.
+    _CONFIG.value.keys()
   except Exception as error:  # noqa: BLE001  (every parse failure is the user's to fix)
     print(f"rvq_jax: error: {_flag_error(error, argv)}", file=sys.stderr)
     sys.exit(2)

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 
 class _Manager(ocp.CheckpointManager):
@@ -74,12 +75,48 @@ class Checkpointer:
             progress=ocp.args.JsonRestore()))
     return restored["state"], restored["data"], restored["progress"]
 
+  def differences(self, step: int, abstract_state: Any) -> list[str]:
+    """How the arrays saved at `step` differ from `abstract_state`: keys on one side
+    only and shapes, each naming the parameter ([] when they fit). Reads only the
+    checkpoint's metadata; [] when that cannot be read (the restore then reports)."""
+    try:
+      handler = ocp.StandardCheckpointHandler()
+      try:
+        saved = handler.metadata(epath.Path(self.directory) / str(step) / "state")
+      finally:
+        handler.close()
+      saved = _flat(getattr(saved, "tree", saved))
+    except Exception:  # noqa: BLE001  (a damaged checkpoint: restore says what is wrong)
+      return []
+    wanted = _flat(abstract_state)
+    found = []
+    for name in sorted(set(saved) | set(wanted)):
+      if name not in wanted:
+        found.append(f"{name} is in the checkpoint but not in this config's model")
+      elif name not in saved:
+        found.append(f"{name} is in this config's model but not in the checkpoint")
+      elif tuple(saved[name].shape) != tuple(wanted[name].shape):
+        found.append(f"{name} has shape {tuple(saved[name].shape)} in the checkpoint, "
+                     f"{tuple(wanted[name].shape)} in this config")
+    return found
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint holds other arrays than the config's model (see `differences`)."""
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  """{'a/b/kernel': leaf} of a nested dict (int and str keys alike, as orbax stores them)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path): leaf
+          for path, leaf in leaves}
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -8,6 +8,7 @@ NaN stops, evaluation, progress and summaries.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -112,6 +113,9 @@ class LoopConfig:
   asynchronous_checkpoints: bool = True
   # Per-example eval rows kept in all (`evaluate_batches`); None = no limit.
   max_eval_rows: int | None = None
+  # Resume a checkpoint whose data state names other data (a different example count,
+  # batch size or seed) at its step in the new data's order, instead of refusing.
+  accept_data_change: bool = False
 
 
 # Every process counts its calls of the preemption service's sync point the same way
@@ -280,9 +284,22 @@ class Prepared:
 
   def restore(self, checkpointer: checkpoint_lib.Checkpointer, step: int):
     """(state, data-iterator state, progress) of the checkpoint of `step`, restored onto
-    the state's shardings."""
+    the state's shardings.
+
+    Raises checkpoint.CheckpointMismatchError naming the arrays that differ when the
+    config builds another model than the checkpoint holds.
+    """
     target = checkpoint_lib.abstract_with_shardings(
         nnx.to_pure_dict(self.abstract_state), nnx.to_pure_dict(self.state_shardings))
+    differences = checkpointer.differences(step, target)
+    if differences:
+      shown = "; ".join(differences[:5])
+      more = f"; and {len(differences) - 5} more" if len(differences) > 5 else ""
+      raise checkpoint_lib.CheckpointMismatchError(
+          f"{self.stage.name}: the checkpoint of step {step} in {checkpointer.directory} "
+          f"holds another model than this config builds: {shown}{more}. The config "
+          "changed since it was saved (model, quantizer or optimizer settings): use the "
+          "config it was trained with, or start over in a new --workdir.")
     pure_state, data_state, progress = checkpointer.restore(step, target)
     state = jax.tree.map(lambda leaf: leaf, self.abstract_state)  # A copy to fill.
     nnx.replace_by_pure_dict(state, pure_state)
@@ -360,13 +377,17 @@ def load_trained(stage: Stage, config: LoopConfig, workdir: str):
   with jax.set_mesh(prepared.mesh):
     checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                                asynchronous=False)
-    latest = checkpointer.latest_step()
-    if latest is None:
-      raise FileNotFoundError(
-          f"no {stage.name} checkpoint in {os.path.join(workdir, 'checkpoints')}; train the "
-          f"stage first: python -m rvq_jax.main --config=<config> --workdir=<workdir>")
-    state, _, progress = prepared.restore(checkpointer, latest)
-    checkpointer.close()
+    try:
+      latest = checkpointer.latest_step()
+      if latest is None:
+        raise FileNotFoundError(
+            f"no {stage.name} checkpoint in {os.path.join(workdir, 'checkpoints')}; train "
+            "the stage first: python -m rvq_jax.main --config=<config> --workdir=<workdir>")
+      state, _, progress = prepared.restore(checkpointer, latest)
+    finally:
+      # On every path: a manager left open makes its threads fail at interpreter exit
+      # ("cannot schedule new futures after interpreter shutdown"), burying the error.
+      checkpointer.close()
     constants = prepared.constants()
   return prepared.merge(state), constants, prepared.mesh, int(progress["step"])
 
@@ -381,21 +402,23 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
   mesh = prepared.mesh
   base_key = jax.random.key(config.seed)
 
-  with jax.set_mesh(mesh):
-    checkpointer = checkpoint_lib.Checkpointer(
+  with jax.set_mesh(mesh), _closed_on_error() as opened:
+    checkpointer = opened(checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
-        asynchronous=config.asynchronous_checkpoints)
-    iterator = stage.train_iterator(jax.process_index(), jax.process_count())
+        asynchronous=config.asynchronous_checkpoints))
+    iterator = opened(stage.train_iterator(jax.process_index(), jax.process_count()))
     start_step = 0
     latest = checkpointer.latest_step()
     if latest is not None:
       state, data_state, progress = prepared.restore(checkpointer, latest)
-      iterator.restore(data_state)
+      _restore_data(iterator, data_state, config.accept_data_change,
+                    f"{stage.name}: the checkpoint of step {latest} in "
+                    f"{checkpointer.directory}")
       start_step = int(progress["step"])
     else:
       state = prepared.init_state()
 
-    reporter = Reporter(workdir, stage.name, config.num_steps, start_step)
+    reporter = opened(Reporter(workdir, stage.name, config.num_steps, start_step))
     if latest is not None:
       reporter.log("Resumed from the checkpoint of step %d.", start_step)
     reporter.log("Mesh %s on %d devices (%d processes).", dict(mesh.shape), jax.device_count(),
@@ -456,10 +479,11 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
           reporter.progress(step, train_metrics, stage.progress_keys)
         if config.summary_every and step % config.summary_every == 0:
           summarize(state, batch, step)
-        if config.eval_every and step % config.eval_every == 0 and step < config.num_steps:
-          evaluate(state, step)
+        # Saved before the evaluation of the same step, which then cannot lose it.
         if step % config.checkpoint_every == 0 and step < config.num_steps:
           save(step)
+        if config.eval_every and step % config.eval_every == 0 and step < config.num_steps:
+          evaluate(state, step)
         if preemption.reached():
           save(step)
           checkpointer.close()
@@ -482,6 +506,52 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
 def _close(iterator) -> None:
   if hasattr(iterator, "close"):
     iterator.close()
+
+
+@contextlib.contextmanager
+def _closed_on_error():
+  """Yields `opened(resource) -> resource`; if the block raises (other than the loop's
+  own SystemExit, which closes first), closes what was opened, newest first, then
+  re-raises. Closing the checkpointer waits for the save in flight, so an error (a
+  failing evaluation, bad data) never leaves it half-written as
+  `<step>.orbax-checkpoint-tmp`, and no orbax thread fails at interpreter exit."""
+  resources = []
+
+  def opened(resource):
+    resources.append(resource)
+    return resource
+
+  try:
+    yield opened
+  except SystemExit:
+    raise
+  except BaseException:
+    for resource in reversed(resources):
+      try:
+        _close(resource)
+      except Exception:  # noqa: BLE001  (the original error is the one to report)
+        logging.exception("Closing %s after an error failed.", type(resource).__name__)
+    raise
+
+
+def _restore_data(iterator, data_state: dict, accept_change: bool, where: str) -> None:
+  """Positions the data iterator from a checkpoint's state, or raises ValueError saying
+  what changed in the data and how to go on (a new workdir, or --accept_data_change)."""
+  current = iterator.get_state()
+  changed = {key: (data_state[key], current[key]) for key in data_state
+             if key not in ("step", "order") and key in current
+             and data_state[key] != current[key]}
+  if changed and not accept_change:
+    what = ", ".join(f"{key} {saved} → {now}" for key, (saved, now) in changed.items())
+    raise ValueError(
+        f"{where} was saved with other data ({what}), so it cannot continue the saved "
+        "order of examples. Start over in a new --workdir, or pass --accept_data_change "
+        f"to continue from step {data_state['step']} with the new data's order.")
+  if changed:
+    logging.warning("%s: the data changed (%s); continuing from step %d in the new data's "
+                    "order (--accept_data_change).", where, changed, data_state["step"])
+    data_state = {"step": data_state["step"]}
+  iterator.restore(data_state)
 
 
 def loop_config_from(config, stage: str = "tokenizer") -> LoopConfig:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import zipfile
 from collections.abc import Mapping
 
 import jax
@@ -230,9 +231,24 @@ def check_arrays(
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """All arrays of an `.npz` file (no pickles), by key."""
-  with np.load(os.fspath(path), allow_pickle=False) as archive:
-    return {name: archive[name] for name in archive.files}
+  """All arrays of an `.npz` file (no pickles), by key.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: naming the file, when it is not an `.npz` archive or is damaged (NumPy's
+      own message would advise `allow_pickle`, which is never the fix here).
+  """
+  path = os.fspath(path)
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      return {name: archive[name] for name in archive.files}
+  except FileNotFoundError:
+    raise
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+    raise ValueError(
+        f"{path} is not a readable .npz file (a zip of NumPy arrays): it is truncated, "
+        f"damaged or in another format ({type(error).__name__}). Make it again; PyTorch "
+        "weights convert with python -m rvq_jax.tools.convert_weights.") from error
 
 
 def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
