@@ -84,11 +84,10 @@ def main():
   parallel.initialize_distributed()
   import jax
   import jax.numpy as jnp
+  from jax.experimental import multihost_utils
 
   from rvq_jax.train import loop
   from rvq_jax.train.tokenizer_stage import TokenizerStage
-
-  from jax.experimental import multihost_utils
 
   record = {"process_index": jax.process_index(), "process_count": jax.process_count(),
             "device_count": jax.device_count(), "local": {}, "global": {}, "loss": {},

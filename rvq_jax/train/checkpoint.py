@@ -40,6 +40,16 @@ class _Manager(ocp.CheckpointManager):
     del step
     return False
 
+  def close(self) -> None:
+    # Orbax starts removing old temporary directories in the background when the
+    # manager is made, and its close() does not wait for that: closed early (a run
+    # that stops at once with an error), the clean-up thread then fails with "cannot
+    # schedule new futures after shutdown", a traceback burying the error.
+    await_cleanup = getattr(self, "_maybe_await_cleanup_tmp_directory", None)
+    if await_cleanup is not None:
+      await_cleanup()
+    super().close()
+
 
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` for one stage's directory."""
