@@ -90,11 +90,11 @@ def main(argv) -> int:
     if not _INPUT.value or not _OUTPUT.value:
       raise app.UsageError("--mode=reconstruct needs --input and --output folders.")
     written = inference.reconstruct(config, tokenizer_dir, _INPUT.value, _OUTPUT.value)
-    print(f"rvq_jax: wrote {written} reconstructions (PNG) to {_OUTPUT.value}.")
+    _say(f"wrote {written} reconstructions (PNG) to {_OUTPUT.value}.")
   elif _MODE.value == "encode":
     output = _OUTPUT.value or os.path.join(tokenizer_dir, f"tokens_{_SPLIT.value}.npz")
     inference.encode(config, tokenizer_dir, _SPLIT.value, output)
-    print(f"rvq_jax: wrote the {_SPLIT.value} split's tokens to {output}.")
+    _say(f"wrote the {_SPLIT.value} split's tokens to {output}.")
   elif _MODE.value == "sample":
     priors = ((_STAGE.value,) if _STAGE.value else
               tuple(s for s in config.stages if s != "tokenizer"))
@@ -106,9 +106,16 @@ def main(argv) -> int:
                 _OUTPUT.value or os.path.join(workdir, prior, "samples"))
       prior_inference.sample(stages.build(config, prior, workdir=workdir), config,
                              os.path.join(workdir, prior), _NUM_SAMPLES.value, output)
-      print(f"rvq_jax: wrote {_NUM_SAMPLES.value} {prior} samples to {output} "
-            "(sample_00000.png …, and their tokens in samples.npz).")
+      _say(f"wrote {_NUM_SAMPLES.value} {prior} samples to {output} (sample_00000.png …, "
+           "and their tokens in samples.npz).")
   return 0
+
+
+def _say(message: str) -> None:
+  """What a mode made, on stdout, once per job (process 0 writes the files)."""
+  import jax
+  if jax.process_index() == 0:
+    print(f"rvq_jax: {message}", flush=True)
 
 
 def _splits_read(config) -> tuple[str, ...]:

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import logging
 import os
 import signal
 import threading
@@ -26,6 +25,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
