@@ -328,13 +328,78 @@ def validate(config: ml_collections.ConfigDict) -> None:
     data_factory.validate_config(config.data)
   except ValueError as error:
     problems.append(f"data: {error}")
-  check(len(config.mesh.shape) == len(config.mesh.axes), "mesh.shape and mesh.axes differ")
+  check(len(config.mesh.shape) == len(config.mesh.axes),
+        f"mesh.shape={tuple(config.mesh.shape)} and mesh.axes={tuple(config.mesh.axes)} "
+        "must have the same length (one size per axis)")
+  _validate_numbers(config, check)
   _validate_tokenizer(config, check, problems)
   for name in STAGES:
     _validate_loop(config[name], name, check)
   _validate_priors(config, check)
   if problems:
     raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _numbers(config: ml_collections.ConfigDict, prefix: str = ""):
+  """(dotted key, value) of every int or float leaf (bools are not numbers here)."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _numbers(value, f"{prefix}{key}.")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      yield f"{prefix}{key}", value
+
+
+def _validate_numbers(config: ml_collections.ConfigDict, check) -> None:
+  """Every number finite; every rate, weight and schedule value with its sign.
+
+  A NaN passes most `x < 0` tests, and a negative learning rate trains by gradient
+  ascent without any error, so these are checked by name before anything is built.
+  """
+  for key, value in _numbers(config):
+    check(math.isfinite(value), f"{key}={value} must be a finite number")
+
+  def at_least(key, value, low, *, strict=False, integer=False, note=""):
+    if isinstance(value, float) and not math.isfinite(value):
+      return  # Reported above.
+    ok = value > low if strict else value >= low
+    if integer:
+      ok = ok and isinstance(value, int)
+    kind = "an int " if integer else ""
+    check(ok, f"{key}={value!r} must be {kind}{'>' if strict else '>='} {low}{note}")
+
+  for name in STAGES:
+    stage = config[name]
+    optim = stage.optim
+    for key in ("learning_rate", "disc_learning_rate"):
+      if key in optim:
+        at_least(f"{name}.optim.{key}", optim[key], 0, strict=True)
+    for key in ("b1", "b2"):
+      check(0 <= optim[key] < 1, f"{name}.optim.{key}={optim[key]} must lie in [0, 1)")
+    at_least(f"{name}.optim.weight_decay", optim.weight_decay, 0)
+    at_least(f"{name}.optim.grad_clip", optim.grad_clip, 0, note=" (0 = no clipping)")
+    at_least(f"{name}.optim.warmup_steps", optim.warmup_steps, 0, integer=True)
+    for key in ("eval_every", "summary_every"):
+      at_least(f"{name}.train.{key}", stage.train[key], 0, integer=True, note=" (0 = off)")
+    at_least(f"{name}.train.keep_checkpoints", stage.train.keep_checkpoints, 1, integer=True)
+    for key, value in stage.loss.items():
+      if key.endswith("_weight") or key == "disc_factor":
+        at_least(f"{name}.loss.{key}", value, 0)
+  loss = config.tokenizer.loss
+  for key in ("pcl_tau", "pcl_eps", "representation_temperature"):
+    at_least(f"tokenizer.loss.{key}", loss[key], 0, strict=True)
+  at_least("tokenizer.loss.disc_start", loss.disc_start, 0, integer=True)
+  for key in ("pcl_num_locations", "teacher_resolution"):
+    at_least(f"tokenizer.loss.{key}", loss[key], 1, integer=True)
+  quantizer = config.tokenizer.quantizer
+  if quantizer.kind in quantizer:  # An unknown kind is reported by its own check.
+    for key, value in quantizer[quantizer.kind].items():
+      where = f"tokenizer.quantizer.{quantizer.kind}.{key}"
+      if key.endswith("_weight") or key == "beta":
+        at_least(where, value, 0)
+      elif key.startswith("temperature_") and not key.endswith("_steps"):
+        at_least(where, value, 0, strict=True)
+      elif key.endswith("_steps"):
+        at_least(where, value, 0, integer=True)
 
 
 def _validate_loop(stage: ml_collections.ConfigDict, name: str, check) -> None:
@@ -364,6 +429,18 @@ def _validate_tokenizer(config: ml_collections.ConfigDict, check, problems: list
         f"factor {f} of tokenizer.model.ch_mult={tuple(model.ch_mult)}")
   check(model.ch % 32 == 0, f"tokenizer.model.ch={model.ch} must be a multiple of 32 "
         "(GroupNorm with 32 groups)")
+  if not quantizer_problems and quantizer_registry.get(quantizer.kind).factorized:
+    # Each FQ adapter branch is a transformer over the encoder trunk's output channels.
+    width = model.ch * model.ch_mult[-1]
+    check(model.adapter_heads > 0 and width % model.adapter_heads == 0,
+          f"tokenizer.model.adapter_heads={model.adapter_heads} does not divide the FQ "
+          f"adapter width {width} (tokenizer.model.ch={model.ch} × "
+          f"tokenizer.model.ch_mult[-1]={model.ch_mult[-1]})")
+  if loss.representation_weight > 0:  # The head exists only then.
+    heads = model.representation_head_heads
+    check(heads > 0 and model.representation_head_width % heads == 0,
+          f"tokenizer.model.representation_head_width={model.representation_head_width} is "
+          f"not divisible by tokenizer.model.representation_head_heads={heads}")
   check(loss.disc_loss in ("hinge", "vanilla"),
         f"tokenizer.loss.disc_loss={loss.disc_loss!r}: 'hinge' or 'vanilla'")
   check(loss.l1_region in ("argmax_match", "all"),

@@ -20,6 +20,7 @@ from typing import Any
 from typing import Sequence
 
 import jax
+from absl import logging
 from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import Mesh
@@ -62,10 +63,16 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1),
               axes: Sequence[str] = DEFAULT_MESH_AXES,
               devices: Sequence[Any] | None = None) -> Mesh:
   """A mesh over all (or the given) devices; axes use automatic sharding propagation."""
+  chosen = devices is not None
   devices = jax.devices() if devices is None else list(devices)
   if len(shape) != len(axes):
     raise ValueError(f"mesh shape {tuple(shape)} and axes {tuple(axes)} differ in length.")
   resolved = resolve_mesh_shape(shape, len(devices))
+  if not chosen and math.prod(resolved) < len(devices):
+    # Allowed (a run pinned to part of a machine), but more often a mistake.
+    logging.warning("mesh.shape=%s uses %d of the %d devices; %d stay idle. Set one axis "
+                    "to -1 to use them all.", tuple(shape), math.prod(resolved),
+                    len(devices), len(devices) - math.prod(resolved))
   devices = devices[:math.prod(resolved)]
   return jax.make_mesh(resolved, tuple(axes), axis_types=(AxisType.Auto,) * len(axes),
                        devices=devices)

@@ -13,11 +13,20 @@ indices this process loaded, the global batch's indices, and the loss; and the p
 eval rows (`loop.ROWS_PREFIX`) the final evaluation collected.
 
 `--data_process=K` makes this process read process K's slice of every batch instead of
-its own: the mis-sharded input the test must catch.
+its own: the mis-sharded input the test must catch. `--sigterm_at=S --sigterm_process=P`
+makes process P send itself SIGTERM before it loads the batch of step S + 1 (a preemption
+notice reaching one host); the record then also holds the exit code (143) and is
+written before the process exits.
+
+The record counts, per step, the calls of JAX's host-synchronizing collectives
+(`multihost_utils.process_allgather`, `sync_global_devices`, `broadcast_one_to_all`)
+made while the loop ran that step: none may happen in a step that neither saves nor
+evaluates.
 """
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 
@@ -31,6 +40,9 @@ def _parse():
   parser.add_argument("--mesh", default="4,2,1", help="data,fsdp,model")
   parser.add_argument("--data_process", type=int, default=None,
                       help="read this process's slice instead of our own (mis-sharding)")
+  parser.add_argument("--sigterm_at", type=int, default=None,
+                      help="send SIGTERM to this process before loading this step's batch")
+  parser.add_argument("--sigterm_process", type=int, default=1)
   return parser.parse_args()
 
 
@@ -72,13 +84,25 @@ def main():
   parallel.initialize_distributed()
   import jax
   import jax.numpy as jnp
+  from jax.experimental import multihost_utils
 
   from rvq_jax.train import loop
   from rvq_jax.train.tokenizer_stage import TokenizerStage
 
   record = {"process_index": jax.process_index(), "process_count": jax.process_count(),
             "device_count": jax.device_count(), "local": {}, "global": {}, "loss": {},
-            "start_step": None}
+            "start_step": None, "host_syncs": {}, "exit_code": 0}
+  loaded = {"step": None}  # Batches loaded so far: the step the loop is running.
+
+  def counting(function):
+    def wrapper(*args, **kwargs):
+      step = loaded["step"]
+      record["host_syncs"][step] = record["host_syncs"].get(step, 0) + 1
+      return function(*args, **kwargs)
+    return wrapper
+
+  for name in ("process_allgather", "sync_global_devices", "broadcast_one_to_all"):
+    setattr(multihost_utils, name, counting(getattr(multihost_utils, name)))
 
   class RecordingIterator:
     """The stage's iterator, noting which examples each step loaded on this process."""
@@ -90,7 +114,10 @@ def main():
       step = self.iterator.get_state()["step"]
       if record["start_step"] is None:
         record["start_step"] = step
+      if step == args.sigterm_at and jax.process_index() == args.sigterm_process:
+        os.kill(os.getpid(), signal.SIGTERM)
       batch = next(self.iterator)
+      loaded["step"] = step + 1
       record["local"][step] = batch["index"].tolist()
       record["global"][step] = self.iterator.global_batch_indices(step)[0].tolist()
       return batch
@@ -130,16 +157,19 @@ def main():
 
   loop.Reporter = RecordingReporter  # The loop looks the name up at run time.
   config = tiny_config(args.num_steps, [int(s) for s in args.mesh.split(",")])
-  loop.run(RecordingStage(config), loop.loop_config_from(config), args.workdir)
+  try:
+    loop.run(RecordingStage(config), loop.loop_config_from(config), args.workdir)
+  except SystemExit as stop:
+    record["exit_code"] = stop.code
   with open(args.record + ".tmp", "w") as f:
     json.dump(record, f)
   os.replace(args.record + ".tmp", args.record)
-  return 0
+  return record["exit_code"]
 
 
 if __name__ == "__main__":
   try:
-    code = main()
+    code = main()  # 143 after a preemption, on every process: a normal exit, as main's.
   except BaseException:  # pylint: disable=broad-except
     traceback.print_exc()
     sys.stdout.flush()

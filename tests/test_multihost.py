@@ -6,7 +6,9 @@ Each process is `tests/_multihost_worker.py`, joined through the same
 on the same mesh (data=4, fsdp=2) and global batch; the test checks that they agree,
 that the processes split every global batch between them, that they write one
 checkpoint together and both resume from it, and that a mis-sharded input (both
-processes reading process 0's slice) is caught by the same checks. A start-up that
+processes reading process 0's slice) is caught by the same checks; that a step which
+neither saves nor evaluates makes no host-synchronizing call; and that a SIGTERM reaching
+one process only makes both save once, at the same step, and exit 143. A start-up that
 cannot reach its coordinator fails with a clear message within RVQ_JAX_INIT_TIMEOUT.
 
 Every subprocess has a timeout, so a hang fails the test instead of stalling CI.
@@ -52,8 +54,12 @@ def _tail(path: str, lines: int = 40) -> str:
     return "".join(f.readlines()[-lines:])
 
 
-def launch(tmp_path, name, *, processes, devices, workdir, num_steps, data_process=None):
-  """Runs `processes` workers to completion; returns their records, by process index."""
+def launch(tmp_path, name, *, processes, devices, workdir, num_steps, data_process=None,
+           sigterm_at=None, expect_code=0):
+  """Runs `processes` workers to completion; returns their records, by process index.
+
+  `sigterm_at=S`: process 1 sends itself SIGTERM before loading the batch of step S + 1.
+  Every process must exit with `expect_code` (143: stopped for a preemption)."""
   port = _free_port()
   procs, logs, records = [], [], []
   for pid in range(processes):
@@ -67,13 +73,15 @@ def launch(tmp_path, name, *, processes, devices, workdir, num_steps, data_proce
                f"--num_steps={num_steps}", f"--record={records[-1]}"]
     if data_process is not None:
       command.append(f"--data_process={data_process}")
+    if sigterm_at is not None:
+      command += [f"--sigterm_at={sigterm_at}", "--sigterm_process=1"]
     with open(logs[-1], "w") as log:
       procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     cwd=REPO))
   deadline = time.monotonic() + LAUNCH_TIMEOUT
   # Poll all: once one process fails the others would wait for it in a collective.
   while any(proc.poll() is None for proc in procs):
-    failed = any(proc.poll() not in (None, 0) for proc in procs)
+    failed = any(proc.poll() not in (None, expect_code) for proc in procs)
     if failed or time.monotonic() > deadline:
       for proc in procs:
         if proc.poll() is None:
@@ -85,7 +93,8 @@ def launch(tmp_path, name, *, processes, devices, workdir, num_steps, data_proce
                     + "\n".join(f"--- {log}\n{_tail(log)}" for log in logs))
       break
     time.sleep(0.5)
-  failed = [(pid, proc.returncode) for pid, proc in enumerate(procs) if proc.returncode]
+  failed = [(pid, proc.returncode) for pid, proc in enumerate(procs)
+            if proc.returncode != expect_code]
   if failed:
     pytest.fail(f"{name}: processes exited with {failed}; logs:\n"
                 + "\n".join(f"--- {log}\n{_tail(log)}" for log in logs))
@@ -95,6 +104,7 @@ def launch(tmp_path, name, *, processes, devices, workdir, num_steps, data_proce
       result.append(json.load(f))
   assert [r["process_index"] for r in result] == list(range(processes))
   assert all(r["device_count"] == 8 and r["process_count"] == processes for r in result)
+  assert all(r["exit_code"] == expect_code for r in result)
   return result
 
 
@@ -180,6 +190,43 @@ def test_one_checkpoint_written_together_and_resumed_by_both(runs):
   assert [r["start_step"] for r in runs["resumed"]] == [2, 2]
   assert all(sorted(r["loss"]) == ["3"] for r in runs["resumed"])
   assert runs["after_resume"][-1] == "3"
+
+
+def test_plain_steps_make_no_host_synchronization(runs):
+  """A step that neither saves nor evaluates calls no host-synchronizing collective (the
+  preemption check is a local look-up): a pod's hosts never wait for each other there.
+  The first run's step 1 is such a step; its step 2 saves and evaluates."""
+  for record in runs["first"]:
+    assert record["host_syncs"].get("1", 0) == 0, record["host_syncs"]
+    assert record["host_syncs"].get("2", 0) > 0, "the counting saw no collective at all"
+
+
+def test_sigterm_on_one_process_saves_once_and_both_exit_143(tmp_path, runs):
+  """A preemption notice reaching process 1 only: both processes save one checkpoint at
+  the same step and exit 143; resuming from it gives the uninterrupted run's losses."""
+  workdir = tmp_path / "preempted"
+  stopped = launch(tmp_path, "preempted", processes=2, devices=4, workdir=str(workdir),
+                   num_steps=3, sigterm_at=0, expect_code=143)
+  checkpoints = workdir / "checkpoints"
+  saved = sorted(os.listdir(checkpoints))
+  assert len(saved) == 1 and saved[0].isdigit(), saved  # One save, none left half-written.
+  at = int(saved[0])
+  assert 1 <= at < 3, at
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(checkpoints / saved[0] /
+                                                                  "state"))
+  for record in stopped:
+    assert sorted(int(step) for step in record["loss"]) == list(range(1, at + 1)), record
+    assert all(record["host_syncs"].get(str(step), 0) == 0 for step in range(1, at))
+  resumed = launch(tmp_path, "preempted_resumed", processes=2, devices=4,
+                   workdir=str(workdir), num_steps=3)
+  assert [r["start_step"] for r in resumed] == [at, at]
+  reference = _losses(*runs["reference"])
+  for pid in range(2):
+    losses = _losses(stopped[pid], resumed[pid])
+    assert sorted(losses) == [1, 2, 3]
+    for step in reference:
+      np.testing.assert_allclose(losses[step], reference[step], rtol=1e-5,
+                                 err_msg=f"process {pid}, step {step}")
 
 
 def test_a_mis_sharded_input_is_caught(runs):

@@ -51,16 +51,19 @@ from typing import Mapping
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 
 from rvq_jax.data.iterator import BatchIterator
 from rvq_jax.data.preprocess import PreprocessConfig
 from rvq_jax.data.sources import FASHION_MNIST_CLASSES
 from rvq_jax.data.sources import FASHION_MNIST_DIR
+from rvq_jax.data.sources import IDX_FILES
 from rvq_jax.data.sources import EmbeddedPhotoSource
 from rvq_jax.data.sources import FolderSource
 from rvq_jax.data.sources import IdxSource
 from rvq_jax.data.sources import ImageSource
 from rvq_jax.data.sources import TfdsSource
+from rvq_jax.data.sources import idx_file
 
 SOURCES = ("embedded", "folder", "tfds", "idx")
 SPLITS = ("train", "eval")
@@ -200,6 +203,31 @@ def validate_config(data_config, *, split: str = "train",
   if stray:
     logging.warning("data config: source=%r ignores the fields %s.", config.source, stray)
   return config
+
+
+def check_sources(data_config, splits=SPLITS) -> None:
+  """Checks that each split's data exists, cheaply (no file is decoded): folders and
+  IDX files are there, a TFDS split opens. Raises ValueError naming the config field.
+
+  Call it at start-up with every split a run will read: a missing eval folder would
+  otherwise pass until the first evaluation, after hours of training.
+  """
+  for split in splits:
+    config = validate_config(data_config, split=split)
+    if config.source == "folder":
+      fields = (("path", "label_path") if split == "train" else
+                ("eval_path", "eval_label_path"))
+      for field in fields:
+        if config[field] and not epath.Path(config[field]).is_dir():
+          raise ValueError(f"data.{field}={config[field]!r} (the {split!r} split's "
+                           f"{'images' if 'label' not in field else 'label maps'}) does "
+                           "not exist or is not a directory.")
+    elif config.source == "idx":
+      directory = config.idx_path or FASHION_MNIST_DIR
+      for stem in IDX_FILES[split]:
+        idx_file(directory, stem)  # FileNotFoundError with the command that installs them.
+    elif config.source == "tfds":
+      _create_source(config, split)  # Opening names the steps that prepare a split.
 
 
 def preprocess_config(data_config, *, training: bool) -> PreprocessConfig:

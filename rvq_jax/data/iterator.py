@@ -62,6 +62,7 @@ from jax.sharding import PartitionSpec
 
 from rvq_jax.data.preprocess import PreprocessConfig
 from rvq_jax.data.preprocess import preprocess_example
+from rvq_jax.data.sources import REPLACED
 
 PERMUTATION_STREAM = 0x706572  # "per": first word of the shuffle seed's hash.
 # Names the order of the iterator state's 'step': a state saved under another order
@@ -162,7 +163,12 @@ class ReadSource(grain.transforms.Map):
     self._examples = grain.MapDataset.source(source)
 
   def map(self, row: dict[str, Any]) -> dict[str, Any]:
-    return {**self._examples[int(row["index"])], **row}
+    example = dict(self._examples[int(row["index"])])
+    if example.pop(REPLACED, False):
+      # The example stood in for an unreadable one: the row keeps the batch's shape,
+      # but nothing may count it or give it an output as if it were that example.
+      row = {**row, "valid": np.bool_(False)}
+    return {**example, **row}
 
 
 class Preprocess(grain.transforms.Map):
@@ -188,6 +194,28 @@ class DropEpoch(grain.transforms.Map):
 
 
 # -------------------------------------------------------------- iterator
+
+
+def _too_few_examples(source, global_batch_size: int) -> str:
+  """Why `source` cannot fill one batch, counting only the examples that decode.
+
+  A file can pass the header check when its source is built and still fail to decode
+  (a truncated PNG), so with fewer examples than a batch each is decoded now: a folder
+  of corrupt files is then reported as such, not as a small one.
+  """
+  count = len(source)
+  if hasattr(source, "count_readable"):
+    count = source.count_readable()
+  unreadable = source.unreadable() if hasattr(source, "unreadable") else []
+  detail = ""
+  if unreadable:
+    name, why = unreadable[0]
+    detail = (f" ({len(unreadable)} image files are unreadable and skipped, e.g. {name}: "
+              f"{why})")
+  if not count:
+    return f"{source.path} has no readable examples{detail}."
+  return (f"{source.path} has {count} readable examples{detail}, fewer than the global "
+          f"batch size {global_batch_size}, so no full batch exists.")
 
 
 class BatchIterator:
@@ -228,8 +256,7 @@ class BatchIterator:
     if not num_examples:
       raise ValueError(f"{source.path} has no examples.")
     if drop_remainder and num_examples < global_batch_size:
-      raise ValueError(f"{source.path} has {num_examples} examples, fewer than the global "
-                       f"batch size {global_batch_size}, so no full batch exists.")
+      raise ValueError(_too_few_examples(source, global_batch_size))
     self.source = source
     self.preprocess = preprocess
     self.global_batch_size = int(global_batch_size)

@@ -12,8 +12,11 @@ Unreadable files are skipped, never fatal: a file that fails a cheap header chec
 when the source is built is left out of the index, and one that fails to decode later
 (a truncated JPEG passes the header check) is replaced by the next readable example,
 so that the batch keeps its shape and every host still agrees on the global order.
-Both kinds are counted in `source.num_skipped` and logged. A source with no readable
-example at all is a `ValueError` that names its path.
+The replacement carries `REPLACED: True`, so that the batch marks its row invalid
+(`valid=False`): evaluation does not count it twice, and inference (`--mode=reconstruct`,
+`encode`) gives no output for it rather than another image's. Both kinds are counted in
+`source.num_skipped`, listed by `source.unreadable()` and logged. A source with no
+readable example at all is a `ValueError` that names its path.
 """
 from __future__ import annotations
 
@@ -34,6 +37,9 @@ from rvq_jax import files
 
 Example = dict[str, Any]
 
+# Set (True) on the example `source[i]` returns in place of an unreadable example i.
+REPLACED = "replaced"
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 LABEL_MAP_EXTENSION = ".png"
 
@@ -49,6 +55,10 @@ EMBEDDED_CROP_STREAM = 0x656D62  # "emb"
 
 # ------------------------------------------------------------------- decoding
 
+# PIL's modes for 16-bit grayscale (PNG's bit depth 16 opens as 'I;16', or as 32-bit
+# 'I' holding 0 … 65535 in older Pillow versions).
+_SIXTEEN_BIT_GRAY = ("I;16", "I;16B", "I;16L", "I")
+
 
 def _binary(data: bytes | str | os.PathLike):
   """Encoded bytes, or a local or gs:// file, as a binary file object for PIL."""
@@ -58,11 +68,18 @@ def _binary(data: bytes | str | os.PathLike):
 def decode_image(data: bytes | str | os.PathLike) -> np.ndarray:
   """Decodes encoded bytes or a file path to uint8 (H, W, 3) RGB.
 
-  Grayscale, palette, RGBA and CMYK images are converted to RGB (alpha is dropped).
+  Grayscale, palette, RGBA and CMYK images are converted to RGB (alpha is dropped);
+  16-bit grayscale is scaled to 8 bits (v / 257), not clipped.
   EXIF orientation is ignored on purpose, as in tf.image / TFDS decoding, so pixels
   and label maps stay aligned and match the reference statistics of FID.
   """
   with _binary(data) as handle, Image.open(handle) as image:
+    if image.mode in _SIXTEEN_BIT_GRAY:
+      # PIL's convert("RGB") clips these to 255 instead of scaling them: a 16-bit
+      # grayscale PNG would turn almost white. Scale 0 … 65535 to 0 … 255 instead.
+      pixels = np.asarray(image).astype(np.float32)
+      gray = np.clip(np.round(pixels / 257.0), 0, 255).astype(np.uint8)
+      return np.repeat(gray[..., None], 3, axis=-1)
     # convert() forces a full decode, so a truncated file raises here, not later.
     return np.asarray(image.convert("RGB"))
 
@@ -133,7 +150,7 @@ class ImageSource:
   def __init__(self):
     self._lock = threading.Lock()
     self._num_skipped_at_build = 0
-    self._failed_indices: set[int] = set()
+    self._failed: dict[int, str] = {}  # Index → why it failed to decode.
 
   def __len__(self) -> int:
     raise NotImplementedError
@@ -145,10 +162,20 @@ class ImageSource:
   def num_skipped(self) -> int:
     """Distinct examples skipped as unreadable: left out at build plus failed decodes."""
     with self._lock:
-      return self._num_skipped_at_build + len(self._failed_indices)
+      return self._num_skipped_at_build + len(self._failed)
+
+  def unreadable(self) -> list[tuple[str, str]]:
+    """(name, why) of every example skipped so far: at build, then failed decodes."""
+    with self._lock:
+      failed = sorted(self._failed.items())
+    return self._unreadable_at_build() + [(self._example_name(i), why) for i, why in failed]
+
+  def _unreadable_at_build(self) -> list[tuple[str, str]]:
+    return []
 
   def __getitem__(self, index: int) -> Example:
-    """The example at `index`, or the next readable one if it fails to decode."""
+    """The example at `index`, or the next readable one (marked `REPLACED`) if it
+    fails to decode."""
     size = len(self)
     if not 0 <= index < size:
       raise IndexError(f"index {index} out of range for {size} examples in {self.path}.")
@@ -157,9 +184,11 @@ class ImageSource:
     for offset in range(size):
       candidate = (index + offset) % size
       try:
-        return self._load(candidate)
+        example = self._load(candidate)
       except Exception as error:  # noqa: BLE001  (corrupt data must not stop training)
         self._record_decode_failure(candidate, error)
+        continue
+      return {**example, REPLACED: True} if offset else example
     raise ValueError(f"no readable example in {self.path}: all {size} examples failed "
                      "to decode (see the warnings above).")
 
@@ -167,14 +196,28 @@ class ImageSource:
     # A failing example is retried on every read (the error may be a transient I/O
     # failure on a network file system) but counted and logged once.
     with self._lock:
-      if index in self._failed_indices:
+      if index in self._failed:
         return
-      self._failed_indices.add(index)
-      count = len(self._failed_indices)
+      self._failed[index] = f"{type(error).__name__}: {error}"
+      count = len(self._failed)
     if count <= _LOG_FIRST or count % _LOG_EVERY == 0:
-      logging.warning("%s: skipping example %d (%s), %d skipped so far: %s: %s",
-                      type(self).__name__, index, self._example_name(index),
-                      self.num_skipped, type(error).__name__, error)
+      logging.warning("%s: skipping example %d (%s), %d skipped so far: %s: %s. Its row "
+                      "is marked invalid (it holds the next readable example, so that "
+                      "training batches keep their size).", type(self).__name__, index,
+                      self._example_name(index), self.num_skipped, type(error).__name__,
+                      error)
+
+  def count_readable(self) -> int:
+    """Decodes every example now and returns how many decode (failures are recorded as
+    in reading): for small sources, whose count must be exact before training."""
+    readable = 0
+    for index in range(len(self)):
+      try:
+        self._load(index)
+        readable += 1
+      except Exception as error:  # noqa: BLE001  (any failure means "unreadable")
+        self._record_decode_failure(index, error)
+    return readable
 
   def _example_name(self, index: int) -> str:
     return f"#{index}"
@@ -293,6 +336,9 @@ class FolderSource(ImageSource):
 
   def _example_name(self, index: int) -> str:
     return self.relative_paths[index]
+
+  def _unreadable_at_build(self) -> list[tuple[str, str]]:
+    return list(self.skipped_files)
 
   def _load(self, index: int) -> Example:
     image_path, label_map_path = self._file_pair(self.relative_paths[index])
@@ -573,7 +619,9 @@ def read_idx(path: str) -> np.ndarray:
   return np.frombuffer(data, dtype, offset=offset).reshape(shape)
 
 
-def _idx_file(directory: str, stem: str) -> str:
+def idx_file(directory: str, stem: str) -> str:
+  """The path of IDX file `stem` (gzipped or not) in `directory`; FileNotFoundError
+  with the ways to get Fashion-MNIST's files if it is missing."""
   for name in (stem + ".gz", stem):
     path = os.path.join(directory, name)
     if files.is_file(path):
@@ -610,10 +658,10 @@ class IdxSource(ImageSource):
     if split not in IDX_FILES:
       raise ValueError(f"IDX split must be 'train' or 'eval', got {split!r}.")
     image_stem, label_stem = IDX_FILES[split]
-    image_path = _idx_file(directory, image_stem)
+    image_path = idx_file(directory, image_stem)
     self.path = image_path
     images = read_idx(image_path)
-    labels = read_idx(_idx_file(directory, label_stem))
+    labels = read_idx(idx_file(directory, label_stem))
     if images.ndim != 3 or images.dtype != np.uint8:
       raise ValueError(f"{image_path}: expected uint8 images [N, H, W], got {images.dtype} "
                        f"{images.shape}.")

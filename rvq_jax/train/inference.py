@@ -76,6 +76,7 @@ def reconstruct(config: ml_collections.ConfigDict, workdir: str, input_dir: str,
           files.save_png(epath.Path(output_dir) / (name + ".png"), reconstructions[row])
           written += 1
   logging.info("Wrote %d reconstructions to %s.", written, output_dir)
+  _report_unreadable(source, "reconstruct")
   return written
 
 
@@ -115,4 +116,16 @@ def encode(config: ml_collections.ConfigDict, workdir: str, split: str, output: 
                             **{name: np.concatenate(p) for name, p in parts.items()}})
     logging.info("Encoded %d images of the %s split to %s.",
                  sum(len(p) for p in parts["indices"]), split, output)
+  _report_unreadable(source, "encode")
   return output
+
+
+def _report_unreadable(source, mode: str) -> None:
+  """Names the inputs that got no output: unreadable files are skipped (their rows are
+  invalid), never given another image's output."""
+  unreadable = source.unreadable() if hasattr(source, "unreadable") else []
+  if unreadable:
+    listed = "; ".join(f"{name} ({why})" for name, why in unreadable[:10])
+    more = f"; and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
+    logging.warning("%s: skipped %d unreadable images of %s, which have no output: %s%s",
+                    mode, len(unreadable), source.path, listed, more)

@@ -8,8 +8,11 @@ NaN stops, evaluation, progress and summaries.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import itertools
+import os
 import signal
 import threading
 from typing import Any
@@ -22,6 +25,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -111,32 +115,71 @@ class LoopConfig:
   asynchronous_checkpoints: bool = True
   # Per-example eval rows kept in all (`evaluate_batches`); None = no limit.
   max_eval_rows: int | None = None
+  # Resume a checkpoint whose data state names other data (a different example count,
+  # batch size or seed) at its step in the new data's order, instead of refusing.
+  accept_data_change: bool = False
 
 
-class _PreemptionFlag:
-  """Set by SIGTERM/SIGINT (single host) so the loop saves and stops at the next step."""
+# Every process counts its calls of the preemption service's sync point the same way
+# (same stages, same steps, from the same checkpoint), so this count is a step id they
+# share; unlike a stage's step it never repeats when the next stage starts from 0, where
+# a sync point agreed near the end of one stage would otherwise be met again.
+_SYNC_POINT_CALLS = itertools.count(1)
+
+
+class _Preemption:
+  """Says, once per step, whether the job is being preempted and must save and stop.
+
+  One process: SIGTERM/SIGINT set a flag (a Python handler), read after the step in
+  flight, so the run saves and stops at the next step.
+
+  Several processes: JAX's preemption service. `jax.distributed.initialize` installs a
+  C SIGTERM handler whose listener thread (polling once a second) posts the notice to
+  the coordination service; every process's service thread then reports its latest
+  step id, waits at one barrier and takes the largest + 1 as the step at which all save
+  (`multihost_utils.reached_preemption_sync_point`). Asking is a local, lock-guarded
+  comparison: no step waits for another host unless a notice arrived. The notice
+  therefore reaches the loop up to ~1 s (plus the barrier) after SIGTERM: at a few steps
+  per second the run goes on for a few steps before its save; every process saves at
+  the same one. A Python SIGTERM handler would displace JAX's, so there is none here;
+  SIGINT (Ctrl-C) is turned into a SIGTERM to this process and takes the same path.
+  """
 
   def __init__(self):
     self.requested = threading.Event()
     self._previous = {}
+    self._service = jax.process_count() > 1
 
   def __enter__(self):
+    if self._service:
+      if not jax.config.jax_enable_preemption_service:
+        raise RuntimeError(
+            "this multi-process run has no JAX preemption service, so its processes "
+            "could not agree on a step to save at when one is preempted: leave "
+            "jax_enable_preemption_service on (JAX's default).")
+      if callable(signal.getsignal(signal.SIGTERM)):
+        # getsignal reports Python's own table: a callable is a Python handler, and it
+        # replaced JAX's C handler when it was installed.
+        logging.warning("A Python SIGTERM handler replaced JAX's preemption notifier: "
+                        "a SIGTERM will not make the processes save and stop together.")
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, lambda *_: self.requested.set())
+      if self._service:
+        self._previous[signal.SIGINT] = signal.signal(
+            signal.SIGINT, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+      else:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+          self._previous[sig] = signal.signal(sig, lambda *_: self.requested.set())
     return self
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
-
-def _should_stop_for_preemption(flag: _PreemptionFlag, step: int) -> bool:
-  local = flag.requested.is_set()
-  if jax.process_count() == 1:
-    return local
-  # Every process must agree, or one would wait forever in the save collective.
-  return bool(multihost_utils.process_allgather(np.array(local)).any())
+  def reached(self) -> bool:
+    """Whether to save and stop after the step just dispatched (call once per step)."""
+    if self._service:
+      return multihost_utils.reached_preemption_sync_point(next(_SYNC_POINT_CALLS))
+    return self.requested.is_set()
 
 
 def global_batch(batch: Batch, mesh) -> dict[str, jax.Array]:
@@ -252,14 +295,40 @@ class Prepared:
 
   def restore(self, checkpointer: checkpoint_lib.Checkpointer, step: int):
     """(state, data-iterator state, progress) of the checkpoint of `step`, restored onto
-    the state's shardings."""
+    the state's shardings.
+
+    Raises checkpoint.CheckpointMismatchError naming the arrays that differ when the
+    config builds another model than the checkpoint holds.
+    """
+    self._check_matches(checkpointer, step)
     pure_state, data_state, progress = checkpointer.restore(step, self._restore_target())
     return self._filled(pure_state), data_state, progress
+
+  def _check_matches(self, checkpointer: checkpoint_lib.Checkpointer, step: int) -> None:
+    """Raises CheckpointMismatchError when the checkpoint of `step` holds another model
+    than this config builds (read from its metadata; a damaged one passes, and its
+    restore then says what is wrong)."""
+    differences = checkpointer.differences(step, self._restore_target())
+    if differences:
+      shown = "; ".join(differences[:5])
+      more = f"; and {len(differences) - 5} more" if len(differences) > 5 else ""
+      raise checkpoint_lib.CheckpointMismatchError(
+          f"{self.stage.name}: the checkpoint of step {step} in {checkpointer.directory} "
+          f"holds another model than this config builds: {shown}{more}. The config "
+          "changed since it was saved (model, quantizer or optimizer settings): use the "
+          "config it was trained with, or start over in a new --workdir.")
 
   def restore_latest(self, checkpointer: checkpoint_lib.Checkpointer, *, move_damaged: bool):
     """(state, data-iterator state, progress) of the newest checkpoint that restores, or
     None without any; a damaged newer one is skipped with a warning (see
-    `Checkpointer.restore_latest`, which raises when checkpoints exist but none restores)."""
+    `Checkpointer.restore_latest`, which raises when checkpoints exist but none restores).
+
+    A config change is not damage: when the newest checkpoint's metadata shows another
+    model, CheckpointMismatchError is raised before any fallback.
+    """
+    steps = checkpointer.all_steps()
+    if steps:
+      self._check_matches(checkpointer, steps[-1])
     restored = checkpointer.restore_latest(self._restore_target(), move_damaged=move_damaged)
     if restored is None:
       return None
@@ -367,11 +436,11 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
   mesh = prepared.mesh
   base_key = jax.random.key(config.seed)
 
-  with jax.set_mesh(mesh):
-    checkpointer = checkpoint_lib.Checkpointer(
+  with jax.set_mesh(mesh), _closed_on_error() as opened:
+    checkpointer = opened(checkpoint_lib.Checkpointer(
         str(epath.Path(workdir) / "checkpoints"), keep=config.keep_checkpoints,
-        asynchronous=config.asynchronous_checkpoints)
-    iterator = stage.train_iterator(jax.process_index(), jax.process_count())
+        asynchronous=config.asynchronous_checkpoints))
+    iterator = opened(stage.train_iterator(jax.process_index(), jax.process_count()))
     start_step = 0
     try:
       latest = prepared.restore_latest(checkpointer, move_damaged=True)
@@ -381,12 +450,14 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
     if latest is not None:
       # State, data position and step all come from one checkpoint (see checkpoint.py).
       state, data_state, progress = latest
-      iterator.restore(data_state)
+      _restore_data(iterator, data_state, config.accept_data_change,
+                    f"{stage.name}: the checkpoint of step {int(progress['step'])} in "
+                    f"{checkpointer.directory}")
       start_step = int(progress["step"])
     else:
       state = prepared.init_state()
 
-    reporter = Reporter(workdir, stage.name, config.num_steps, start_step)
+    reporter = opened(Reporter(workdir, stage.name, config.num_steps, start_step))
     if latest is not None:
       reporter.log("Resumed from the checkpoint of step %d.", start_step)
     reporter.log("Mesh %s on %d devices (%d processes).", dict(mesh.shape), jax.device_count(),
@@ -433,7 +504,7 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
 
     step = start_step
     train_metrics: dict[str, float] = {}
-    with _PreemptionFlag() as preemption:
+    with _Preemption() as preemption:
       while step < config.num_steps:
         batch = next(iterator)
         key = jax.random.fold_in(base_key, step)
@@ -447,11 +518,12 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
           reporter.progress(step, train_metrics, stage.progress_keys)
         if config.summary_every and step % config.summary_every == 0:
           summarize(state, batch, step)
-        if config.eval_every and step % config.eval_every == 0 and step < config.num_steps:
-          evaluate(state, step)
+        # Saved before the evaluation of the same step, which then cannot lose it.
         if step % config.checkpoint_every == 0 and step < config.num_steps:
           save(step)
-        if _should_stop_for_preemption(preemption, step):
+        if config.eval_every and step % config.eval_every == 0 and step < config.num_steps:
+          evaluate(state, step)
+        if preemption.reached():
           save(step)
           checkpointer.close()
           _close(iterator)
@@ -473,6 +545,52 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
 def _close(iterator) -> None:
   if hasattr(iterator, "close"):
     iterator.close()
+
+
+@contextlib.contextmanager
+def _closed_on_error():
+  """Yields `opened(resource) -> resource`; if the block raises (other than the loop's
+  own SystemExit, which closes first), closes what was opened, newest first, then
+  re-raises. Closing the checkpointer waits for the save in flight, so an error (a
+  failing evaluation, bad data) never leaves it half-written as
+  `<step>.orbax-checkpoint-tmp`, and no orbax thread fails at interpreter exit."""
+  resources = []
+
+  def opened(resource):
+    resources.append(resource)
+    return resource
+
+  try:
+    yield opened
+  except SystemExit:
+    raise
+  except BaseException:
+    for resource in reversed(resources):
+      try:
+        _close(resource)
+      except Exception:  # noqa: BLE001  (the original error is the one to report)
+        logging.exception("Closing %s after an error failed.", type(resource).__name__)
+    raise
+
+
+def _restore_data(iterator, data_state: dict, accept_change: bool, where: str) -> None:
+  """Positions the data iterator from a checkpoint's state, or raises ValueError saying
+  what changed in the data and how to go on (a new workdir, or --accept_data_change)."""
+  current = iterator.get_state()
+  changed = {key: (data_state[key], current[key]) for key in data_state
+             if key not in ("step", "order") and key in current
+             and data_state[key] != current[key]}
+  if changed and not accept_change:
+    what = ", ".join(f"{key} {saved} → {now}" for key, (saved, now) in changed.items())
+    raise ValueError(
+        f"{where} was saved with other data ({what}), so it cannot continue the saved "
+        "order of examples. Start over in a new --workdir, or pass --accept_data_change "
+        f"to continue from step {data_state['step']} with the new data's order.")
+  if changed:
+    logging.warning("%s: the data changed (%s); continuing from step %d in the new data's "
+                    "order (--accept_data_change).", where, changed, data_state["step"])
+    data_state = {"step": data_state["step"]}
+  iterator.restore(data_state)
 
 
 def loop_config_from(config, stage: str = "tokenizer") -> LoopConfig:

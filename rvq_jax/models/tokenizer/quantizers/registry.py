@@ -121,8 +121,9 @@ def validate(config: Mapping[str, Any]) -> list[str]:
   if kind not in _REGISTRY:
     return [f"tokenizer.quantizer.kind={kind!r}: choose from {kinds()}"]
   problems = []
-  if config["num_codes"] <= 0 or config["code_dim"] <= 0:
-    problems.append("tokenizer.quantizer.num_codes and code_dim must be positive")
+  for key in ("num_codes", "code_dim"):
+    if not config[key] > 0:
+      problems.append(f"tokenizer.quantizer.{key}={config[key]} must be > 0")
   problems += [f"tokenizer.quantizer.{kind}.{problem}"
                for problem in get(kind).check(options_of(config))]
   return problems
