@@ -44,7 +44,6 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
-from jax.sharding import NamedSharding
 
 from rvq_jax import parallel
 from rvq_jax.models.priors import TokenLayout
@@ -139,7 +138,7 @@ def restore_module(directory: PathLike, abstract_module: nnx.Module, mesh: Mesh,
   placed on `mesh` by the parameters' logical axes and `sharding_rules`."""
   directory = epath.Path(directory)
   graphdef, abstract_state = nnx.split(abstract_module)
-  target = _abstract_with_shardings(
+  target = abstract_with_shardings(
       abstract_state, parallel.state_shardings(abstract_state, mesh, sharding_rules))
   try:
     checkpointer = ocp.StandardCheckpointer()
@@ -154,7 +153,8 @@ def restore_module(directory: PathLike, abstract_module: nnx.Module, mesh: Mesh,
   return nnx.merge(graphdef, state)
 
 
-def _abstract_with_shardings(abstract_state: nnx.State, shardings: nnx.State) -> dict:
+def abstract_with_shardings(abstract_state: nnx.State, shardings: nnx.State) -> dict:
+  """A pure dict of ShapeDtypeStructs carrying `shardings`: what a restore should make."""
   return jax.tree.map(
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
       nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(shardings))
@@ -165,12 +165,12 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _tuples(value: Any) -> Any:
-  """JSON's lists back to the tuples the configs hold (e.g. ch_mult)."""
+def json_to_config(value: Any) -> Any:
+  """A config block read from JSON: its lists back to the tuples configs hold (ch_mult)."""
   if isinstance(value, Mapping):
-    return {key: _tuples(item) for key, item in value.items()}
+    return {key: json_to_config(item) for key, item in value.items()}
   if isinstance(value, list):
-    return tuple(_tuples(item) for item in value)
+    return tuple(json_to_config(item) for item in value)
   return value
 
 
@@ -205,7 +205,8 @@ def tokenizer_metadata(*, model: Mapping[str, Any], quantizer: Mapping[str, Any]
 def tokenizer_module(metadata: Mapping[str, Any], *, rngs: nnx.Rngs) -> TokenizerModule:
   """The tokenizer module export.json describes (without the representation head, which
   only FQGAN's training loss uses)."""
-  return TokenizerModule(_tuples(metadata["model"]), _tuples(metadata["quantizer"]),
+  return TokenizerModule(json_to_config(metadata["model"]),
+                         json_to_config(metadata["quantizer"]),
                          image_size=int(metadata["image_size"]), representation_head=False,
                          rngs=rngs)
 
@@ -215,7 +216,8 @@ def _layout_fields(layout: TokenLayout) -> dict[str, Any]:
           "grid_size": list(layout.grid_size)}
 
 
-def _layout(metadata: Mapping[str, Any]) -> TokenLayout:
+def layout_of(metadata: Mapping[str, Any]) -> TokenLayout:
+  """The token layout an export's metadata records."""
   tokens = metadata["tokens"]
   return TokenLayout(vocab_size=int(tokens["vocab_size"]),
                      num_subtokens=int(tokens["num_subtokens"]),
@@ -294,7 +296,7 @@ class Tokenizer:
 
   @property
   def layout(self) -> TokenLayout:
-    return _layout(self.metadata)
+    return layout_of(self.metadata)
 
   @property
   def token_shape(self) -> tuple[int, ...]:
@@ -426,9 +428,9 @@ def prior_metadata(*, kind: str, settings: Mapping[str, Any], condition: str,
 
 def prior_module(metadata: Mapping[str, Any], *, rngs: nnx.Rngs) -> nnx.Module:
   """The prior module export.json describes."""
-  return build_prior(metadata["kind"], _tuples(metadata["settings"]), _layout(metadata),
-                     condition=metadata["condition"], num_classes=int(metadata["num_classes"]),
-                     rngs=rngs)
+  return build_prior(metadata["kind"], json_to_config(metadata["settings"]),
+                     layout_of(metadata), condition=metadata["condition"],
+                     num_classes=int(metadata["num_classes"]), rngs=rngs)
 
 
 class Samples(NamedTuple):
@@ -493,7 +495,7 @@ class Prior:
 
   @property
   def layout(self) -> TokenLayout:
-    return _layout(self.metadata)
+    return layout_of(self.metadata)
 
   @property
   def step(self) -> int:

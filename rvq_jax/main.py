@@ -3,8 +3,9 @@
 Runs the config's stages in order (tokenizer → ar → diffusion), each in
 `workdir/<stage>/`, resuming a stage that has a checkpoint and skipping one that has
 finished. Other modes act on trained stages: `eval` (--stage), `reconstruct` (--input
-folder → --output folder of PNGs), `encode` (--split → token array .npz for the priors)
-and `sample` (a prior → --num_samples PNGs and their tokens).
+folder → --output folder of PNGs), `encode` (--split → token array .npz for the priors),
+`sample` (a prior → --num_samples PNGs and their tokens) and `export` (a stage's
+params-only export from its latest checkpoint, for runs from before exports).
 """
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with ':variant' (see configs/).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for this run.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "reconstruct", "encode", "sample"],
+_MODE = flags.DEFINE_enum("mode", "train",
+                          ["train", "eval", "reconstruct", "encode", "sample", "export"],
                           "What to do.")
 _STAGE = flags.DEFINE_enum("stage", None, ["tokenizer", "ar", "diffusion"],
                            "eval: the stage to evaluate (default tokenizer); sample: the prior "
-                           "(default: each prior in the config's stages).")
+                           "(default: each prior in the config's stages); export: the stage "
+                           "(default: each of the config's stages with a checkpoint).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 64, "sample: how many images.")
 _INPUT = flags.DEFINE_string("input", None, "reconstruct: folder of images.")
 _OUTPUT = flags.DEFINE_string("output", None, "reconstruct: output folder; encode: .npz path "
@@ -86,6 +89,16 @@ def main(argv) -> int:
                 _OUTPUT.value or os.path.join(workdir, prior, "samples"))
       prior_inference.sample(stages.build(config, prior, workdir=workdir), config,
                              os.path.join(workdir, prior), _NUM_SAMPLES.value, output)
+  elif _MODE.value == "export":
+    from etils import epath
+    names = (_STAGE.value,) if _STAGE.value else tuple(
+        name for name in config.stages
+        if (epath.Path(workdir) / name / "checkpoints").exists())
+    if not names:
+      raise FileNotFoundError(f"--mode=export: no stage of {tuple(config.stages)} has a "
+                              f"checkpoint under {workdir}.")
+    for name in names:
+      print(f"{name}: params-only export written to {stages.export(config, name, workdir)}")
   return 0
 
 
