@@ -66,6 +66,12 @@ PathLike = str | os.PathLike
 # ---------------------------------------------------------------------- the format
 
 
+def as_path(path: PathLike) -> epath.Path:
+  """`path` as an epath.Path, absolute (orbax takes only absolute paths; gs:// ones are)."""
+  path = epath.Path(path)
+  return path if path.is_absolute() else path.absolute()
+
+
 def export_directory(path: PathLike) -> epath.Path:
   """The export at `path`: `path` itself, or `path/export` (a stage's directory).
 
@@ -74,7 +80,7 @@ def export_directory(path: PathLike) -> epath.Path:
       checkpoints but no export (a run from before exports, or one that has not
       finished), the message says how to write one.
   """
-  path = epath.Path(path)
+  path = as_path(path)
   for candidate in (path, path / EXPORT_DIR):
     if (candidate / METADATA_FILE).exists():
       return candidate
@@ -112,7 +118,7 @@ def write(directory: PathLike, variables: Mapping[str, Any],
   arrays; process 0 writes export.json, after the arrays, so a reader never finds
   export.json next to half-written weights.
   """
-  directory = epath.Path(directory)
+  directory = as_path(directory)
   metadata_file = directory / METADATA_FILE
   if jax.process_index() == 0:
     directory.mkdir(parents=True, exist_ok=True)
@@ -136,7 +142,7 @@ def restore_module(directory: PathLike, abstract_module: nnx.Module, mesh: Mesh,
                    sharding_rules=parallel.DEFAULT_RULES) -> nnx.Module:
   """The module `abstract_module` (from `nnx.eval_shape`) with the export's variables,
   placed on `mesh` by the parameters' logical axes and `sharding_rules`."""
-  directory = epath.Path(directory)
+  directory = as_path(directory)
   graphdef, abstract_state = nnx.split(abstract_module)
   target = abstract_with_shardings(
       abstract_state, parallel.state_shardings(abstract_state, mesh, sharding_rules))
@@ -256,7 +262,7 @@ class Tokenizer:
       raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}.")
     self.module, self.metadata, self.mesh = module, dict(metadata), mesh
     self.batch_size = batch_size
-    self.path = None if path is None else epath.Path(path)
+    self.path = None if path is None else as_path(path)
     graphdef, self._state = nnx.split(module)
 
     def encode(state, images):
@@ -376,15 +382,17 @@ def run_batched(function, state, inputs, mesh: Mesh, batch_size: int | None) -> 
   sharding = parallel.batch_sharding(mesh, inputs.ndim)
   xp = np if isinstance(inputs, np.ndarray) else jnp
   outputs = []
-  with jax.set_mesh(mesh):
-    for start in range(0, count, chunk):
-      rows = inputs[start:start + chunk]
-      size = len(rows)
-      padded = chunk if batch_size else -(-size // multiple) * multiple
-      if padded > size:
-        rows = xp.concatenate([rows, xp.zeros((padded - size,) + rows.shape[1:], rows.dtype)])
-      output = function(state, jax.device_put(rows, sharding))
-      outputs.append(output if padded == size else output[:size])
+  for start in range(0, count, chunk):
+    # Padded where the inputs are (they may sit on other devices than the mesh).
+    rows = inputs[start:start + chunk]
+    size = len(rows)
+    padded = chunk if batch_size else -(-size // multiple) * multiple
+    if padded > size:
+      rows = xp.concatenate([rows, xp.zeros((padded - size,) + rows.shape[1:], rows.dtype)])
+    rows = jax.device_put(rows, sharding)
+    with jax.set_mesh(mesh):
+      output = function(state, rows)
+    outputs.append(output if padded == size else output[:size])
   return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs)
 
 
@@ -459,7 +467,7 @@ class Prior:
                tokenizer: Tokenizer | None, *, path: PathLike | None = None,
                tokenizer_searched: tuple[str, ...] = ()):
     self.module, self.metadata, self.mesh, self.tokenizer = module, dict(metadata), mesh, tokenizer
-    self.path = None if path is None else epath.Path(path)
+    self.path = None if path is None else as_path(path)
     self._tokenizer_searched = tokenizer_searched
 
   @classmethod
@@ -522,7 +530,7 @@ class Prior:
       **options: sampling options overriding the training config's (`sample_options`).
     """
     options = self.sample_options(**options)
-    if condition is not None:
+    if condition is not None and self.condition_kind != "none":  # (else sample says so)
       condition = condition if isinstance(condition, jax.Array) else np.asarray(condition)
       if not jnp.issubdtype(condition.dtype, jnp.integer):
         raise ValueError(f"condition must be integer ids, got {condition.dtype}.")

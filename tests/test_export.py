@@ -142,8 +142,11 @@ def test_encode_and_decode_equal_what_training_computes(run):
   np.testing.assert_array_equal(
       np.asarray(everywhere.encode(pixels)),
       np.asarray(tokenizer.encode(pixels.astype(np.float32) / 127.5 - 1)))
-  np.testing.assert_array_equal(np.asarray(everywhere.decode(tokens[:5], uint8=True)),
-                                np.round((decoded[:5] + 1) * 127.5).astype(np.uint8))
+  as_uint8 = everywhere.decode(tokens[:5], uint8=True)
+  assert as_uint8.dtype == jnp.uint8
+  # Off by one at most where float rounding on 8 devices crosses a .5.
+  np.testing.assert_allclose(np.asarray(as_uint8, np.float32),
+                             np.round((decoded[:5] + 1) * 127.5), atol=1)
 
   mesh = parallel.make_mesh((4, 2, 1), parallel.DEFAULT_MESH_AXES)
   sharded = rvq_jax.Tokenizer.load(run.workdir / "tokenizer", mesh=mesh, batch_size=3)

@@ -31,7 +31,7 @@ CHECKPOINTS_DIR = "checkpoints"
 
 def export_path(stage_dir) -> epath.Path:
   """Where a stage's export goes: `<stage_dir>/export`."""
-  return epath.Path(stage_dir) / export_lib.EXPORT_DIR
+  return export_lib.as_path(stage_dir) / export_lib.EXPORT_DIR
 
 
 def _mesh_and_rules(config: ml_collections.ConfigDict):
@@ -92,7 +92,7 @@ def tokenizer_export(config: ml_collections.ConfigDict, tokenizer_dir) -> epath.
     FileNotFoundError: neither an export nor a checkpoint (the stage never trained).
   """
   path = export_path(tokenizer_dir)
-  checkpoints = epath.Path(tokenizer_dir) / CHECKPOINTS_DIR
+  checkpoints = export_lib.as_path(tokenizer_dir) / CHECKPOINTS_DIR
   exported_step = (int(export_lib.read_metadata(path)["step"])
                    if (path / export_lib.METADATA_FILE).exists() else None)
   latest = _latest_step(checkpoints) if checkpoints.exists() else None
@@ -124,9 +124,7 @@ def prior_metadata(config: ml_collections.ConfigDict, kind: str, layout: TokenLa
                    step: int, tokenizer_export) -> dict[str, Any]:
   tokenizer = None
   if tokenizer_export is not None:
-    tokenizer_path = epath.Path(tokenizer_export)
-    if "://" not in str(tokenizer_path):
-      tokenizer_path = tokenizer_path.absolute()  # A prior found from any working dir.
+    tokenizer_path = export_lib.as_path(tokenizer_export)  # Found from any working dir.
     recorded = export_lib.read_metadata(tokenizer_path)
     tokenizer = {"path": str(tokenizer_path), "fingerprint": recorded.get("fingerprint"),
                  "step": recorded["step"]}
@@ -154,7 +152,7 @@ def export_from_checkpoint(config: ml_collections.ConfigDict, stage: str, stage_
   in `stage_dir`, reading only the module's weights. A prior needs `tokenizer_export`
   (its token layout, and the tokenizer its samples decode with). Call it outside
   `jax.set_mesh`; collective."""
-  checkpoints = epath.Path(stage_dir) / CHECKPOINTS_DIR
+  checkpoints = export_lib.as_path(stage_dir) / CHECKPOINTS_DIR
   mesh, rules = _mesh_and_rules(config)
   if stage == "tokenizer":
     item = _tokenizer_weights(config)
@@ -181,7 +179,7 @@ def export_from_checkpoint(config: ml_collections.ConfigDict, stage: str, stage_
 
 def _latest_step(checkpoints: epath.Path) -> int | None:
   manager = ocp.CheckpointManager(checkpoints, item_names=("state",),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+                                  options=ocp.CheckpointManagerOptions(create=False))
   step = manager.latest_step()
   manager.close()
   return step
@@ -194,7 +192,7 @@ def _restore_module_from_checkpoint(checkpoints: epath.Path, item: str,
   if not checkpoints.exists():
     raise FileNotFoundError(f"no checkpoint in {checkpoints}")
   manager = ocp.CheckpointManager(checkpoints, item_names=("state",),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+                                  options=ocp.CheckpointManagerOptions(create=False))
   step = manager.latest_step()
   if step is None:
     manager.close()
