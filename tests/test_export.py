@@ -7,6 +7,8 @@ import os
 import pathlib
 import re
 import shutil
+import subprocess
+import sys
 import types
 
 import jax
@@ -234,6 +236,37 @@ def test_a_run_without_exports_gets_them_from_its_checkpoints(run, tmp_path, mon
   _assert_trees_equal(_pure(old.module), _pure(new.module))
   assert old.tokenizer.path == workdir / "tokenizer" / "export"
   assert old.step == new.step == 2
+
+
+def test_export_mode_writes_every_trained_stages_export(run, tmp_path):
+  """`python -m rvq_jax.main --mode=export` on a run without exports: one line per stage
+  with a checkpoint, and exports that load; on a workdir without checkpoints, one error
+  line and exit status 2."""
+  workdir = tmp_path / "old"
+  for stage in ("tokenizer", "ar"):
+    shutil.copytree(run.workdir / stage, workdir / stage,
+                    ignore=shutil.ignore_patterns("export"))
+  config_file = tmp_path / "config.py"
+  config_file.write_text("from tests.test_export import _config\n\n\n"
+                         "def get_config():\n  return _config()\n")
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"}
+
+  def main(workdir):
+    return subprocess.run([sys.executable, "-m", "rvq_jax.main", f"--config={config_file}",
+                           f"--workdir={workdir}", "--mode=export"], cwd=root, env=env,
+                          capture_output=True, text=True, check=False, timeout=600)
+
+  done = main(workdir)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.splitlines() == [
+      f"tokenizer: params-only export written to {workdir / 'tokenizer' / 'export'}",
+      f"ar: params-only export written to {workdir / 'ar' / 'export'}"]
+  prior = rvq_jax.Prior.load(workdir / "ar")
+  assert prior.tokenizer.path == workdir / "tokenizer" / "export" and prior.step == 2
+  failed = main(tmp_path / "empty")
+  assert failed.returncode == 2
+  assert "rvq_jax: error: --mode=export: no stage" in failed.stderr
 
 
 def test_priors_and_inference_modes_need_no_pretrained_weight_file(run, tmp_path,
