@@ -209,6 +209,35 @@ def test_prior_export_samples_what_the_trained_prior_samples(run):
     prior.sample(2, condition=np.zeros(2, np.int32))
 
 
+def test_class_conditions_are_checked_and_steer_the_samples():
+  """A class-conditional prior (random weights, no run needed): labels outside
+  [0, num_classes) and a missing tokenizer are named; a guidance scale reaches the
+  sampler (different samples for the same seed)."""
+  config = _config()
+  layout = export_lib.layout_of({"tokens": {"vocab_size": 16, "num_subtokens": 1,
+                                            "grid_size": [4, 4]}})
+  metadata = export_lib.prior_metadata(kind="ar", settings=config.ar, condition="class",
+                                       num_classes=2, layout=layout, step=0, tokenizer=None)
+  module = export_lib.prior_module(metadata, rngs=nnx.Rngs(0))
+  prior = rvq_jax.Prior(module, metadata, _single_device_mesh(), None,
+                        tokenizer_searched=("nowhere/tokenizer/export",))
+  with pytest.raises(ValueError, match=r"condition values must lie in \[0, 2\)"):
+    prior.sample(3, condition=[0, 1, 2], decode=False)
+  with pytest.raises(ValueError, match="needs a condition"):
+    prior.sample(3, decode=False)
+  with pytest.raises(ValueError, match="no tokenizer .* nowhere/tokenizer/export"):
+    prior.sample(3, condition=[0, 1, 1])
+  plain = prior.sample(3, condition=[0, 1, 1], seed=1, decode=False).tokens
+  assert plain.shape == (3, 4, 4) and samples_in_range(plain, 16)
+  guided = prior.sample(3, condition=[0, 1, 1], seed=1, decode=False, guidance_scale=3.0)
+  assert not np.array_equal(np.asarray(guided.tokens), np.asarray(plain))
+
+
+def samples_in_range(tokens, vocab_size):
+  tokens = np.asarray(tokens)
+  return tokens.min() >= 0 and tokens.max() < vocab_size
+
+
 def test_a_run_without_exports_gets_them_from_its_checkpoints(run, tmp_path, monkeypatch):
   """A copy of the run without its export folders (an older run): the public loader
   says how to make one; a prior writes the tokenizer's from its checkpoint reading the
