@@ -5,8 +5,9 @@ Runs the config's stages in order (tokenizer → ar → diffusion), each in
 finished; a checkpoint saved with other data stops the run with an error unless
 `--accept_data_change`. Other modes act on trained stages: `eval` (--stage),
 `reconstruct` (--input folder → --output folder of PNGs), `encode` (--split → token
-array .npz for the priors) and `sample` (a prior → --num_samples PNGs and their tokens).
-Bad flags, configs and data end in one `rvq_jax: error:` line and exit code 2.
+array .npz for the priors), `sample` (a prior → --num_samples PNGs and their tokens) and
+`export` (a stage's params-only export from its latest checkpoint, for runs from before
+exports). Bad flags, configs and data end in one `rvq_jax: error:` line and exit code 2.
 """
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with ':variant' (see configs/).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for this run.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "reconstruct", "encode", "sample"],
+_MODE = flags.DEFINE_enum("mode", "train",
+                          ["train", "eval", "reconstruct", "encode", "sample", "export"],
                           "What to do.")
 _STAGE = flags.DEFINE_enum("stage", None, ["tokenizer", "ar", "diffusion"],
                            "eval: the stage to evaluate (default tokenizer); sample: the prior "
-                           "(default: each prior in the config's stages).")
+                           "(default: each prior in the config's stages); export: the stage "
+                           "(default: each of the config's stages with a checkpoint).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 64, "sample: how many images.")
 _INPUT = flags.DEFINE_string("input", None, "reconstruct: folder of images.")
 _OUTPUT = flags.DEFINE_string("output", None, "reconstruct: output folder; encode: .npz path "
@@ -109,6 +112,16 @@ def main(argv) -> int:
                              os.path.join(workdir, prior), _NUM_SAMPLES.value, output)
       _say(f"wrote {_NUM_SAMPLES.value} {prior} samples to {output} (sample_00000.png …, "
            "and their tokens in samples.npz).")
+  elif _MODE.value == "export":
+    from etils import epath
+    names = (_STAGE.value,) if _STAGE.value else tuple(
+        name for name in config.stages
+        if (epath.Path(workdir) / name / "checkpoints").exists())
+    if not names:
+      raise FileNotFoundError(f"--mode=export: no stage of {tuple(config.stages)} has a "
+                              f"checkpoint under {workdir}.")
+    for name in names:
+      _say(f"{name}: params-only export written to {stages.export(config, name, workdir)}")
   return 0
 
 

@@ -102,6 +102,7 @@ _CONFIG = textwrap.dedent('''\
 # README must name each of these; `<step>` is the last step, 2).
 ARTEFACTS = (
     "tokenizer/checkpoints/<step>/",
+    "tokenizer/export/",
     "tokenizer/events.out.tfevents.*",
     "tokenizer/images/reconstructions_<step>.png",
     "tokenizer/images/eval_codebook_usage_<step>.png",
@@ -109,6 +110,7 @@ ARTEFACTS = (
     "tokenizer/eval_metrics.json",
     "tokenizer/tokens_<split>.npz",
     "ar/checkpoints/<step>/",
+    "ar/export/",
     "ar/events.out.tfevents.*",
     "ar/images/samples_<step>.png",
     "ar/metrics.json",

@@ -146,6 +146,7 @@ def runs(tmp_path_factory):
   out["resumed"] = launch(tmp, "resumed", processes=2, devices=4, workdir=str(shared),
                           num_steps=3)
   out["after_resume"] = sorted(s for s in os.listdir(checkpoints) if s.isdigit())
+  out["shared"] = shared
   out["mis_sharded"] = launch(tmp, "mis_sharded", processes=2, devices=4,
                               workdir=str(tmp / "mis_sharded"), num_steps=1, data_process=0)
   return out
@@ -227,6 +228,27 @@ def test_sigterm_on_one_process_saves_once_and_both_exit_143(tmp_path, runs):
     for step in reference:
       np.testing.assert_allclose(losses[step], reference[step], rtol=1e-5,
                                  err_msg=f"process {pid}, step {step}")
+def test_the_export_is_written_together_and_holds_the_last_checkpoint(runs):
+  """The finished stage's params-only export, written by both processes (parameters
+  sharded over fsdp = 2 across them), holds the model of the last checkpoint."""
+  from flax import nnx
+
+  import rvq_jax
+  from rvq_jax import parallel
+  from rvq_jax.train import loop
+  from rvq_jax.train.tokenizer_stage import TokenizerStage
+  from tests._multihost_worker import tiny_config
+  single = parallel.make_mesh((1, 1, 1), parallel.DEFAULT_MESH_AXES)
+  tokenizer = rvq_jax.Tokenizer.load(runs["shared"], mesh=single)
+  assert tokenizer.step == 3
+  config = tiny_config(3, (1, 1, 1))
+  container, *_ = loop.load_trained(TokenizerStage(config), loop.loop_config_from(config),
+                                    str(runs["shared"]))
+  exported = nnx.to_pure_dict(nnx.state(tokenizer.module))
+  trained = nnx.to_pure_dict(nnx.state(container.model))
+  assert jax.tree.structure(exported) == jax.tree.structure(trained)
+  for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(trained)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_a_mis_sharded_input_is_caught(runs):

@@ -1,4 +1,7 @@
-"""The tokenizer's non-training modes: evaluate, reconstruct images, encode a data set."""
+"""The tokenizer's non-training modes: evaluate, reconstruct images, encode a data set.
+
+`reconstruct` and `encode` use the tokenizer's params-only export (`rvq_jax.export`),
+not its training stage, so they need no pretrained network's file."""
 from __future__ import annotations
 
 import os
@@ -16,9 +19,9 @@ from rvq_jax.data import factory as data_factory
 from rvq_jax.data.iterator import BatchIterator
 from rvq_jax.data.sources import FolderSource
 from rvq_jax.models.priors.conditioning import downsample_label_map
+from rvq_jax.train import exporting
 from rvq_jax.train import loop
 from rvq_jax.train import reporting
-from rvq_jax.train.tokenizer_stage import TokenizerStage
 
 
 def evaluate(stage, loop_config: loop.LoopConfig, workdir: str) -> dict[str, float]:
@@ -52,10 +55,9 @@ def reconstruct(config: ml_collections.ConfigDict, workdir: str, input_dir: str,
   Images are resized (shorter side) and centre-cropped to `data.image_size`, as in
   evaluation. Returns the number of images written.
   """
-  stage = TokenizerStage(config)
-  container, _, mesh, _ = loop.load_trained(stage, loop.loop_config_from(config), workdir)
+  tokenizer = exporting.load_tokenizer(config, workdir)
+  mesh, model = tokenizer.mesh, tokenizer.module
   source = FolderSource(input_dir)
-  model = stage.eval_model(container)
 
   @nnx.jit
   def run(model, images):
@@ -87,10 +89,9 @@ def encode(config: ml_collections.ConfigDict, workdir: str, split: str, output: 
   has them, 'label' [N] and 'label_map' [N, h, w] (downsampled to the token grid), so
   a conditional prior can train from the file alone (`prior.train_tokens`).
   """
-  stage = TokenizerStage(config)
-  container, _, mesh, step = loop.load_trained(stage, loop.loop_config_from(config), workdir)
+  tokenizer = exporting.load_tokenizer(config, workdir)
+  mesh, model, step = tokenizer.mesh, tokenizer.module, tokenizer.step
   source = data_factory.create_source(config.data, split=split)
-  model = stage.eval_model(container)
 
   @nnx.jit
   def tokenize(model, batch):

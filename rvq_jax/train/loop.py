@@ -92,6 +92,10 @@ class Stage(Protocol):
   # Optional: `eval_images(totals, step) -> dict[str, np.ndarray]`, uint8 images drawn
   # from an evaluation's totals (e.g. the held-out codebook usage), written beside its
   # scalars as `eval_<name>`.
+  # Optional: `on_finish(container, step, workdir)`, called on every process once the
+  # final checkpoint is saved (also when a rerun finds the stage at its last step),
+  # before the final evaluation: what the stage leaves for later use, e.g. its
+  # params-only export (rvq_jax.train.exporting). It may run collectives.
 
   def train_iterator(self, process_index: int, process_count: int) -> ResumableIterator: ...
 
@@ -532,6 +536,8 @@ def run(stage: Stage, config: LoopConfig, workdir: str) -> dict[str, float]:
           raise SystemExit(143)
 
       save(step)
+      if hasattr(stage, "on_finish"):
+        stage.on_finish(prepared.merge(state), step, workdir)
       final = evaluate(state, step)
       summarize(state, batch if step > start_step else next(iterator), step)
       reporter.write_json("metrics.json", {

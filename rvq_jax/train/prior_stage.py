@@ -31,10 +31,10 @@ from rvq_jax.models.priors import build_prior
 from rvq_jax.models.priors import prior_class
 from rvq_jax.models.priors.conditioning import downsample_label_map
 from rvq_jax.models.tokenizer import Tokenizer
+from rvq_jax.train import exporting
 from rvq_jax.train import loop
 from rvq_jax.train import reporting
 from rvq_jax.train.optimizers import make_optimizer
-from rvq_jax.train.tokenizer_stage import TokenizerStage
 from rvq_jax.train.tokenizer_stage import load_eval_inception
 from rvq_jax.train.tokenizer_stage import load_eval_vgg16
 
@@ -69,16 +69,17 @@ def tokenizer_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return config.prior.tokenizer_workdir or os.path.join(workdir, "tokenizer")
 
 
-def load_tokenizer(config: ml_collections.ConfigDict, directory: str) -> tuple[Tokenizer, int]:
-  """The trained tokenizer (its EMA weights when kept) from `directory`; (model, step)."""
-  stage = TokenizerStage(config)
+def load_tokenizer(config: ml_collections.ConfigDict, directory: str) -> tuple[Tokenizer, str]:
+  """The trained tokenizer (its EMA weights when kept) from its params-only export in
+  `directory` (written from the latest checkpoint first if the run has none), on the
+  config's mesh; (module, the export's path). No pretrained network is loaded."""
   try:
-    container, _, _, step = loop.load_trained(stage, loop.loop_config_from(config), directory)
+    tokenizer = exporting.load_tokenizer(config, directory)
   except FileNotFoundError as error:
     raise FileNotFoundError(
         f"the priors need a trained tokenizer, and {error}. Train it first with the "
         "':tokenizer' variant of the config, or set prior.tokenizer_workdir.") from None
-  return stage.eval_model(container), step
+  return tokenizer.module, str(tokenizer.path)
 
 
 def sample_options(config: ml_collections.ConfigDict, kind: str, **overrides) -> dict:
@@ -121,12 +122,16 @@ class PriorStage:
     fid_reference_path: where the eval split's Inception statistics are cached (None =
       recompute them in every process that evaluates).
     fd_vgg_reference_path: the same for the FD-VGG statistics.
+    tokenizer_export: the export `tokenizer` was loaded from, which the prior's own
+      export names (None: a tokenizer without one).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, kind: str, tokenizer: Tokenizer, *,
                fid_reference_path: str | None = None,
-               fd_vgg_reference_path: str | None = None):
+               fd_vgg_reference_path: str | None = None,
+               tokenizer_export: str | None = None):
     self.config, self.kind, self.name = config, kind, kind
+    self.tokenizer_export = tokenizer_export
     self.settings = config[kind]
     self.layout = token_layout(tokenizer)
     self.condition_kind = config.prior.condition
@@ -371,6 +376,11 @@ class PriorStage:
     return {"samples": reporting.image_grid(reporting.to_uint8(reporting.to_host(images)),
                                             columns=int(math.ceil(math.sqrt(num))),
                                             captions=captions)}
+
+  def on_finish(self, container: PriorTrainState, step: int, workdir: str) -> None:
+    """The params-only export of the prior (`rvq_jax.Prior.load`), naming its tokenizer's."""
+    exporting.write_prior_export(self.config, self.kind, container.model, step, workdir,
+                                 tokenizer_export=self.tokenizer_export)
 
 
 @nnx.jit(static_argnames=("layout", "num_samples", "options"))

@@ -26,6 +26,7 @@ from rvq_jax.models.pretrained import vgg
 from rvq_jax.models.tokenizer import Tokenizer
 from rvq_jax.models.tokenizer.discriminator import NLayerDiscriminator
 from rvq_jax.ops import gan_losses
+from rvq_jax.train import exporting
 from rvq_jax.train import reporting
 from rvq_jax.train import tokenizer_losses as losses_lib
 from rvq_jax.train.optimizers import ema_update
@@ -445,6 +446,11 @@ class TokenizerStage:
     # The codebook usage chart comes from the evaluation (`eval_images`): 8 images have
     # fewer tokens than most codebooks have codes.
     return {"reconstructions": grid}
+
+  def on_finish(self, container: TokenizerTrainState, step: int, workdir: str) -> None:
+    """The params-only export of the evaluated weights (`rvq_jax.Tokenizer.load`), which
+    the priors and the inference modes load instead of this stage."""
+    exporting.write_tokenizer_export(self.config, self.eval_model(container), step, workdir)
 
 
 @nnx.jit
