@@ -4,6 +4,7 @@ and the feature-prediction head's `ln_pre`."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from rvq_jax import config as config_lib
@@ -153,3 +154,71 @@ def test_feature_prediction_head_applies_ln_pre():
   head.ln_pre.scale[...] = 3.0 * head.ln_pre.scale[...]
   after = np.asarray(head(subcode))
   assert not np.allclose(before, after, atol=1e-4)
+
+
+@pytest.mark.parametrize("pcl_weight", [0.0, 1.0])
+def test_one_generator_backward_gives_the_full_graph_gradients(pcl_weight):
+  """`generator_gradients` forms the adaptive weight from cotangents at the
+  reconstructions and runs the generator backward once; the result must be the gradient
+  of L_rec + w·L_gan taken through the whole graph, with w from the full-graph
+  last-layer gradients of L_nll and L_gan (float32: relative L2 error ≤ 1e-4 over the
+  whole gradient, and per leaf ≤ 2e-3 of its norm + 1e-5 of the whole's; leaving out the
+  GAN term or the PCL cotangent gives errors of order 1)."""
+  config = tiny_configs.tiny_config("regvq")
+  # PCL at τ = 0.5: at the default 0.07 its InfoNCE amplifies float32 rounding to ~1e-3
+  # of the gradient, which would hide a wiring error of that size.
+  config.tokenizer.loss.update(perceptual_weight=0.5, pcl_weight=pcl_weight,
+                               pcl_num_locations=8, pcl_tau=0.5, disc_start=0,
+                               disc_weight=0.8, disc_factor=0.7)
+  stage = TokenizerStage(config)
+  container = stage.create(nnx.Rngs(0))
+  loss_config = config.tokenizer.loss
+  images = jax.random.uniform(jax.random.key(1), (8, 16, 16, 3), jnp.float32, -1.0, 1.0)
+  key, step = jax.random.key(2), jnp.int32(0)
+  quantizer_key, pcl_key = jax.random.split(key)
+  frozen = stage.frozen
+  model = nnx.clone(container.model)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def losses(p):
+    m = nnx.merge(graphdef, p, rest)
+    reconstructions, output = m(images, key=quantizer_key, step=step, deterministic=False)
+    total, terms = stage._reconstruction_losses(m, frozen, images, reconstructions, output,
+                                                pcl_key)
+    nll = loss_config.l1_weight * terms["l1"] + loss_config.perceptual_weight * terms["lpips"]
+    gan = gan_losses.generator_loss(container.discriminator(reconstructions),
+                                    kind=loss_config.disc_loss)
+    return total, nll, gan
+
+  def last(grads):
+    return _at_path_value(grads, model.last_layer_path())
+
+  nll_grad = jax.jit(jax.grad(lambda p: losses(p)[1]))(params)
+  gan_grad = jax.jit(jax.grad(lambda p: losses(p)[2]))(params)
+  weight = float(np.clip(np.linalg.norm(last(nll_grad)) / (np.linalg.norm(last(gan_grad))
+                                                            + 1e-4), 0, 1e4)) * 0.8 * 0.7
+  grads, gan_weight, *_ = jax.jit(
+      lambda c, k: stage.generator_gradients(c, frozen, images, k, step, True))(container, key)
+  np.testing.assert_allclose(float(gan_weight), weight, rtol=1e-4)
+  # The gradient for the weight the step used: w multiplies ‖∇L_gan‖, several times the
+  # rest here, so w's own float32 rounding (1e-4) must not count against the backward.
+  used = float(gan_weight)
+  want = jax.jit(jax.grad(lambda p: losses(p)[0] + used * losses(p)[2]))(params)
+  flat_got = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(grads)])
+  flat_want = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(want)])
+  scale = np.linalg.norm(flat_want)
+  # The whole gradient: float32 rounding in another summation order only.
+  assert np.linalg.norm(flat_got - flat_want) <= 1e-4 * scale
+  # Each leaf as a whole (L2): rounding reaches ~1e-3 of small leaves, and leaves whose gradient is 0 in exact arithmetic (attention key
+  # biases) hold float noise, hence the floor of 1e-5 of the whole gradient's norm.
+  for (path, got), expected in zip(jax.tree.leaves_with_path(grads), jax.tree.leaves(want)):
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    error = np.linalg.norm(got - expected)
+    assert error <= 2e-3 * np.linalg.norm(expected) + 1e-5 * scale, (
+        jax.tree_util.keystr(path), error, np.linalg.norm(expected))
+
+
+def _at_path_value(tree, path):
+  for name in path:
+    tree = tree[name]
+  return np.asarray(tree[...] if isinstance(tree, nnx.Variable) else tree, np.float64)

@@ -198,16 +198,15 @@ class TokenizerStage:
 
   # ------------------------------------------------------------------ training
 
-  def _reconstruction_losses(self, model, frozen, images, reconstructions, quantizer_output,
-                             key):
+  def _image_terms(self, frozen, images, reconstructions, quantizer_aux, key):
+    """The terms that depend on the model only through its reconstructions [B, H, W, 3]:
+    L1, LPIPS and PCL (unweighted; the quantizer's aux holds the regions and weights)."""
     loss_config = self.config.tokenizer.loss
-    aux = quantizer_output.aux
-    deterministic = aux["deterministic_region"]
+    deterministic = quantizer_aux["deterministic_region"]
     # 'all': the whole image decoded from the mixed codes; 'argmax_match': only the
     # pixels of tokens whose code is the argmax code (method.md's reading).
     l1_region = jnp.ones_like(deterministic) if loss_config.l1_region == "all" else deterministic
     terms = {"l1": losses_lib.masked_l1(images, reconstructions, l1_region)}
-    total = loss_config.l1_weight * terms["l1"]
     use_pcl = loss_config.pcl_weight > 0
     features_x = features_y = None
     if loss_config.perceptual_weight > 0 or (use_pcl and loss_config.pcl_network == "vgg16"):
@@ -219,86 +218,171 @@ class TokenizerStage:
       features_y = {name: f[batch:] for name, f in both.items()}
     if loss_config.perceptual_weight > 0:
       terms["lpips"] = jnp.mean(frozen.lpips.distance_from_features(features_x, features_y))
-      total += loss_config.perceptual_weight * terms["lpips"]
     if use_pcl:
       if loss_config.pcl_network == "vgg19":
         features_x = jax.lax.stop_gradient(frozen.vgg19(images, layers=vgg.PERCEPTUAL_LAYERS))
         features_y = frozen.vgg19(reconstructions, layers=vgg.PERCEPTUAL_LAYERS)
       # 'uniform' is the paper's "+CL" ablation rung: every perturbed token weighs the
       # same (renormalized per image at the sampled locations, like the PCL weights).
-      token_weights = (aux["pcl_weights"] if loss_config.pcl_weighting == "perturbation"
+      token_weights = (quantizer_aux["pcl_weights"]
+                       if loss_config.pcl_weighting == "perturbation"
                        else (~deterministic).astype(jnp.float32))
       terms["pcl"] = losses_lib.pcl_over_layers(
           key, features_x, features_y, token_weights, ~deterministic,
           num_locations=loss_config.pcl_num_locations, tau=loss_config.pcl_tau,
           eps=loss_config.pcl_eps, reduction=loss_config.pcl_reduction)
-      total += loss_config.pcl_weight * terms["pcl"]
+    return terms
+
+  def _nll(self, terms):
+    """Taming's NLL, L1 + λ_p·LPIPS: the adaptive GAN weight's numerator (no PCL, no
+    quantizer or representation loss)."""
+    loss_config = self.config.tokenizer.loss
+    nll = loss_config.l1_weight * terms["l1"]
+    if "lpips" in terms:
+      nll += loss_config.perceptual_weight * terms["lpips"]
+    return nll
+
+  def _code_terms(self, model, frozen, images, quantizer_output):
+    """The terms that depend on the model other than through its reconstructions: the
+    quantizer's losses and FQ's representation loss."""
+    loss_config = self.config.tokenizer.loss
+    terms = {}
     if loss_config.representation_weight > 0:
       subcode = model.subcode(quantizer_output.quantized, loss_config.representation_branch)
       terms["representation"], alignment = losses_lib.representation_loss(
           model.representation_head, frozen.teacher, images, subcode,
           temperature=loss_config.representation_temperature)
       terms["representation_cosine"] = alignment["representation_cosine"]
-      total += loss_config.representation_weight * terms["representation"]
     terms["quantizer"] = quantizer_output.total_loss
     terms.update({f"quantizer/{name}": value for name, value in quantizer_output.losses.items()})
-    total += terms["quantizer"]
-    return total, terms
+    return terms
+
+  def _combine(self, image_terms, code_terms):
+    """Σ of the weighted terms, except the GAN's: (NLL + λ_pcl·PCL, code terms)."""
+    loss_config = self.config.tokenizer.loss
+    image_total = self._nll(image_terms)
+    if "pcl" in image_terms:
+      image_total += loss_config.pcl_weight * image_terms["pcl"]
+    code_total = code_terms["quantizer"]
+    if "representation" in code_terms:
+      code_total = loss_config.representation_weight * code_terms["representation"] + code_total
+    return image_total, code_total
+
+  def _reconstruction_losses(self, model, frozen, images, reconstructions, quantizer_output,
+                             key):
+    """(every weighted term but the GAN's, summed; the unweighted terms)."""
+    image_terms = self._image_terms(frozen, images, reconstructions, quantizer_output.aux, key)
+    code_terms = self._code_terms(model, frozen, images, quantizer_output)
+    image_total, code_total = self._combine(image_terms, code_terms)
+    return image_total + code_total, {**image_terms, **code_terms}
+
+  def generator_gradients(self, container: TokenizerTrainState, frozen, images, key, step,
+                          use_gan: bool):
+    """The generator's gradients and the adaptive GAN weight, with ONE backward pass
+    through the generator.
+
+    Taming's adaptive weight ‖∇_W L_nll‖ / ‖∇_W L_gan‖ needs two gradients at the decoder's
+    last kernel W only. Both follow from the cotangents at the reconstructions x̂: the
+    image losses' (L1, LPIPS, PCL: a backward pass through VGG16) and the GAN term's (a
+    backward pass through the discriminator), pulled back through the last layer alone
+    (x̂ = conv_out(h), h saved from the forward pass). The generator then runs backward
+    once, with cotangent ∂(L_rec + w·L_gan)/∂x̂ at x̂ and 1 on the code terms.
+
+    Returns:
+      (grads, gan_weight, gan loss, loss without the GAN term, terms, stats,
+       reconstructions, the model's new non-parameter state).
+    """
+    loss_config = self.config.tokenizer.loss
+    quantizer_key, pcl_key = jax.random.split(key)
+    model_graphdef, params, model_rest = nnx.split(container.model, nnx.Param, ...)
+    one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
+
+    if not use_gan:
+      # Without the GAN term: one backward through everything, as before.
+      def forward(params):
+        model = nnx.merge(model_graphdef, params, model_rest)
+        reconstructions, quantizer_output = model(images, key=quantizer_key, step=step,
+                                                  deterministic=False)
+        rec_total, terms = self._reconstruction_losses(model, frozen, images, reconstructions,
+                                                       quantizer_output, pcl_key)
+        return rec_total, (terms, quantizer_output.stats, reconstructions,
+                           nnx.state(model, nnx.Not(nnx.Param)))
+
+      (rec_total, (terms, stats, reconstructions, new_rest)), grads = jax.value_and_grad(
+          forward, has_aux=True)(params)
+      return grads, zero, zero, rec_total, terms, stats, reconstructions, new_rest
+
+    def generator(params):
+      model = nnx.merge(model_graphdef, params, model_rest)
+      quantizer_output = model.encode(images, key=quantizer_key, step=step,
+                                      deterministic=False)
+      reconstructions, last_input = model.decode_with_last_input(quantizer_output.quantized)
+      code_terms = self._code_terms(model, frozen, images, quantizer_output)
+      _, code_total = self._combine({"l1": zero}, code_terms)
+      aux = (quantizer_output.aux, quantizer_output.stats, code_terms,
+             nnx.state(model, nnx.Not(nnx.Param)))
+      return (reconstructions, last_input, code_total), aux
+
+    (reconstructions, last_input, code_total), generator_vjp, aux = jax.vjp(
+        generator, params, has_aux=True)
+    quantizer_aux, stats, code_terms, new_rest = aux
+
+    def image_losses(reconstructions):
+      terms = self._image_terms(frozen, images, reconstructions, quantizer_aux, pcl_key)
+      extra = (loss_config.pcl_weight * terms["pcl"] if "pcl" in terms else zero)
+      return (self._nll(terms), extra), terms
+
+    (nll, extra), image_vjp, image_terms = jax.vjp(image_losses, reconstructions, has_aux=True)
+    (nll_cotangent,) = image_vjp((one, zero))
+    rec_cotangent = nll_cotangent
+    if "pcl" in image_terms:
+      (pcl_cotangent,) = image_vjp((zero, one))
+      rec_cotangent = nll_cotangent + pcl_cotangent
+
+    disc_graphdef, disc_params, disc_rest = nnx.split(container.discriminator, nnx.Param, ...)
+
+    def gan_loss(reconstructions):
+      discriminator = nnx.merge(disc_graphdef, disc_params, disc_rest)
+      return gan_losses.generator_loss(discriminator(reconstructions),
+                                       kind=loss_config.disc_loss)
+
+    gan, gan_vjp = jax.vjp(gan_loss, reconstructions)
+    (gan_cotangent,) = gan_vjp(one)
+
+    # ∇_W of each loss: its cotangent at x̂ pulled back through the last layer only.
+    layer_graphdef, layer_params = nnx.split(container.model.last_layer(), nnx.Param)
+    _, layer_vjp = jax.vjp(lambda p: nnx.merge(layer_graphdef, p)(last_input), layer_params)
+    kernel = container.model.last_layer_path()[-1]
+    nll_kernel_grad = _at_path(layer_vjp(nll_cotangent)[0], (kernel,))
+    gan_kernel_grad = _at_path(layer_vjp(gan_cotangent)[0], (kernel,))
+    # Taming's calculate_adaptive_weight(nll_loss, g_loss, last_layer).
+    gan_weight = losses_lib.adaptive_gan_weight(
+        nll_kernel_grad, gan_kernel_grad,
+        disc_weight=loss_config.disc_weight) * loss_config.disc_factor
+
+    (grads,) = generator_vjp((rec_cotangent + gan_weight * gan_cotangent,
+                              jnp.zeros_like(last_input), one))
+    rec_total = nll + extra + code_total
+    return (grads, gan_weight, gan, rec_total, {**image_terms, **code_terms}, stats,
+            reconstructions, new_rest)
 
   def train_step(self, container: TokenizerTrainState, constants, batch, key, step,
                  use_gan: bool):
     loss_config = self.config.tokenizer.loss
     frozen = nnx.merge(self._frozen_graphdef, constants)
     images = batch["image"]
-    quantizer_key, pcl_key = jax.random.split(key)
-    model_graphdef, params, model_rest = nnx.split(container.model, nnx.Param, ...)
-    disc_graphdef, disc_params, disc_rest = nnx.split(container.discriminator, nnx.Param, ...)
-
-    def forward(params):
-      model = nnx.merge(model_graphdef, params, model_rest)
-      reconstructions, quantizer_output = model(images, key=quantizer_key, step=step,
-                                                deterministic=False)
-      rec_total, terms = self._reconstruction_losses(model, frozen, images, reconstructions,
-                                                     quantizer_output, pcl_key)
-      # Taming's NLL (L1 + λ_p·LPIPS): the adaptive GAN weight's numerator, without PCL,
-      # the quantizer losses or the representation loss.
-      nll = loss_config.l1_weight * terms["l1"]
-      if loss_config.perceptual_weight > 0:
-        nll += loss_config.perceptual_weight * terms["lpips"]
-      if use_gan:
-        discriminator = nnx.merge(disc_graphdef, disc_params, disc_rest)
-        gan = gan_losses.generator_loss(discriminator(reconstructions),
-                                        kind=loss_config.disc_loss)
-      else:
-        gan = jnp.zeros((), jnp.float32)
-      aux = (terms, quantizer_output.stats, reconstructions,
-             nnx.state(model, nnx.Not(nnx.Param)))
-      return (rec_total, nll, gan), aux
-
-    (rec_total, _, gan), vjp_fn, aux = jax.vjp(forward, params, has_aux=True)
-    terms, stats, reconstructions, new_model_rest = aux
-    one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
-    (rec_grads,) = vjp_fn((one, zero, zero))
+    (grads, gan_weight, gan, rec_total, terms, stats, reconstructions,
+     new_model_rest) = self.generator_gradients(container, frozen, images, key, step, use_gan)
     metrics = {}
     if use_gan:
-      (gan_grads,) = vjp_fn((zero, zero, one))
-      (nll_grads,) = vjp_fn((zero, one, zero))
-      last_layer = container.model.last_layer_path()
-      # Taming's calculate_adaptive_weight(nll_loss, g_loss, last_layer).
-      gan_weight = losses_lib.adaptive_gan_weight(
-          _at_path(nll_grads, last_layer), _at_path(gan_grads, last_layer),
-          disc_weight=loss_config.disc_weight) * loss_config.disc_factor
-      grads = jax.tree.map(lambda r, g: r + gan_weight * g, rec_grads, gan_grads)
       metrics.update(gan_weight=gan_weight, g_adversarial=gan)
-    else:
-      grads = rec_grads
-      gan_weight = jnp.zeros((), jnp.float32)
 
     nnx.update(container.model, new_model_rest)
     container.g_optimizer.update(container.model, grads)
     loss = rec_total + gan_weight * gan
 
     if use_gan:
+      disc_graphdef, disc_params, disc_rest = nnx.split(container.discriminator, nnx.Param, ...)
       fake = jax.lax.stop_gradient(reconstructions)
 
       def discriminator_loss(disc_params):

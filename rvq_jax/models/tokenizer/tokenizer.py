@@ -92,6 +92,16 @@ class Tokenizer(nnx.Module):
     """Codes [B, h, w, D] → images [B, h·f, w·f, 3]."""
     return self.decoder(self.post_quant_conv(quantized))
 
+  def decode_with_last_input(self, quantized: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Codes → (images, the last layer's input [B, H, W, C]): images = last_layer(input).
+    The adaptive GAN weight needs that input to form the last layer's gradients."""
+    last_input = self.decoder.last_layer_input(self.post_quant_conv(quantized))
+    return self.decoder.conv_out(last_input), last_input
+
+  def last_layer(self) -> nnx.Module:
+    """The decoder's last layer, whose kernel is at `last_layer_path()`."""
+    return self.decoder.conv_out
+
   def decode_indices(self, indices: jax.Array) -> jax.Array:
     """Tokens [B, h, w] (or [B, h, w, M]) → images."""
     return self.decode(self.quantizer.decode_indices(indices))

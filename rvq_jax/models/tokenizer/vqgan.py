@@ -410,11 +410,15 @@ class Decoder(nnx.Module):
     self.norm_out = group_norm(channels, num_groups=num_groups, **kw)
     self.conv_out = conv(channels, out_channels, 3, padding=1, **kw)
 
-  def __call__(self, z: jax.Array) -> jax.Array:
-    """z: [B, h, w, z_channels] → [B, h·f, w·f, out_channels]."""
+  def last_layer_input(self, z: jax.Array) -> jax.Array:
+    """z: [B, h, w, z_channels] → [B, h·f, w·f, C], what `conv_out` (the last layer) sees."""
     if z.ndim != 4 or z.shape[-1] != self.z_channels:
       raise ValueError(f"expected latents [B, h, w, {self.z_channels}], got shape {z.shape}.")
     h = self.mid(self.conv_in(z))
     for level in reversed(self.up):
       h = level(h)
-    return self.conv_out(swish(self.norm_out(h)))
+    return swish(self.norm_out(h))
+
+  def __call__(self, z: jax.Array) -> jax.Array:
+    """z: [B, h, w, z_channels] → [B, h·f, w·f, out_channels]."""
+    return self.conv_out(self.last_layer_input(z))
