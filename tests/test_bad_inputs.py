@@ -136,7 +136,7 @@ def test_a_missing_config_file_is_one_error_line(tmp_path):
 def test_a_prior_without_a_tokenizer_is_one_error_line(tmp_path):
   """The error, and nothing after it: no orbax thread failing at interpreter exit."""
   message = _one_error_line(_main(f"--config={CONFIG}:ar", f"--workdir={tmp_path}"))
-  assert "tokenizer checkpoint" in message and "Train it first" in message
+  assert "no tokenizer export or checkpoint" in message and "Train it first" in message
   assert not (tmp_path / "ar").exists()
 
 
