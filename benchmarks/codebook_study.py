@@ -654,20 +654,8 @@ def generated_section(result: dict, plots: list[str]) -> str:
 
 def write_doc(path: str, section: str) -> None:
   """Replaces the generated section of the doc, keeping what is written around it."""
-  if os.path.exists(path):
-    with open(path) as f:
-      text = f.read()
-    if BEGIN_MARK in text and END_MARK in text:
-      head, rest = text.split(BEGIN_MARK, 1)
-      tail = rest.split(END_MARK, 1)[1]
-      text = head + section + tail
-    else:
-      text = text.rstrip() + "\n\n" + section + "\n"
-  else:
-    text = "# Codebook study\n\n" + section + "\n"
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
+  common.write_generated_section(path, section, begin=BEGIN_MARK, end=END_MARK,
+                                 title="Codebook study")
 
 
 # ---------------------------------------------------------------------------- determinism

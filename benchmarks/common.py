@@ -96,3 +96,24 @@ def load_config(name: str, arg: str | None = None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def write_generated_section(path: str, section: str, *, begin: str, end: str,
+                            title: str) -> None:
+  """Puts `section` (which starts with `begin` and ends with `end`) into the doc at `path`
+  in place of the text between those markers, keeping what is written around them (a
+  new doc gets `title` as its heading). Written through a temporary file, so an
+  interrupted run never leaves half a doc."""
+  if os.path.exists(path):
+    with open(path) as f:
+      text = f.read()
+    if begin in text and end in text:
+      head, rest = text.split(begin, 1)
+      text = head + section + rest.split(end, 1)[1]
+    else:
+      text = text.rstrip() + "\n\n" + section + "\n"
+  else:
+    text = f"# {title}\n\n{section}\n"
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)

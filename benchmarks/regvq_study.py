@@ -439,21 +439,11 @@ def render(results: dict, output_dir: str) -> str:
 
 
 def write_doc(results: dict, output_dir: str) -> str:
+  from benchmarks import common
   path = os.path.join(output_dir, DOC_NAME)
-  generated = f"{BEGIN_MARK}\n\n{render(results, output_dir)}\n\n{END_MARK}"
-  if os.path.exists(path):
-    with open(path) as f:
-      text = f.read()
-    if BEGIN_MARK in text and END_MARK in text:
-      head, rest = text.split(BEGIN_MARK, 1)
-      tail = rest.split(END_MARK, 1)[1]
-      text = head + generated + tail
-    else:
-      text = text.rstrip() + "\n\n" + generated + "\n"
-  else:
-    text = "# The Reg-VQ study\n\n" + generated + "\n"
-  with open(path, "w") as f:
-    f.write(text)
+  common.write_generated_section(
+      path, f"{BEGIN_MARK}\n\n{render(results, output_dir)}\n\n{END_MARK}",
+      begin=BEGIN_MARK, end=END_MARK, title="The Reg-VQ study")
   return path
 
 
