@@ -1,0 +1,64 @@
+"""The Reg-VQ study script's bookkeeping (no training): every row builds a valid config,
+and the doc's tables are computed from the JSON alone."""
+import argparse
+
+import numpy as np
+import pytest
+
+from benchmarks import regvq_study
+
+
+def _args(**overrides):
+  return argparse.Namespace(**{"idx_dir": "", **overrides})
+
+
+@pytest.mark.parametrize("row", regvq_study.ROWS, ids=lambda row: row.key)
+def test_every_row_builds_a_valid_config_with_its_settings(row):
+  config = regvq_study.build_config(row, row.seeds[-1], _args())
+  tokenizer = config.tokenizer
+  assert config.seed == row.seeds[-1]
+  assert tokenizer.quantizer.kind == row.kind and tokenizer.quantizer.num_codes == row.num_codes
+  for name, value in row.quantizer:
+    assert tokenizer.quantizer[row.kind][name] == value, name
+  for name, value in row.loss:
+    assert tokenizer.loss[name] == value, name
+  assert config.stages == ("tokenizer",) + row.priors
+  # At least K token positions per batch for K = 1,024 (review's condition on the KL).
+  grid = regvq_study.SCALE["image_size"] // 4
+  if row.num_codes == 1024:
+    assert tokenizer.train.batch_size * grid * grid >= 1024
+  assert tokenizer.loss.perceptual_weight > 0  # LPIPS on in every row.
+  assert tokenizer.loss.disc_start > tokenizer.train.num_steps  # GAN off, as documented.
+
+
+def _results(metric_values):
+  """A JSON with the ladder's VQGAN and PCL rungs at 3 seeds (usage only)."""
+  rows = {}
+  for key, values in metric_values.items():
+    for seed, value in enumerate(values):
+      rows[f"{key}_s{seed}"] = {"stages": {"tokenizer": {"metrics": {"usage": value},
+                                                         "wall_s": 60.0}}}
+  return {"scale": regvq_study.SCALE, "rows": rows, "environments": []}
+
+
+def test_tables_are_mean_and_sample_std_of_the_json_and_spread_is_judged():
+  results = _results({"vqgan": [0.02, 0.03, 0.04], "pcl": [0.90, 0.92, 0.94]})  # Δ 0.89
+  table = regvq_study._table(results, ["vqgan", "pcl", "mask"], priors=())
+  vq_line = next(line for line in table.splitlines() if line.startswith("| VQGAN"))
+  assert "| 3 | 3 ± 1 |" in vq_line  # 100 × mean 0.03, sample std 0.01
+  assert "not run" in table.splitlines()[-1]  # The mask rung has no rows.
+  differences = regvq_study._differences(results, [("vqgan", "pcl")], [("tokenizer", "usage")])
+  line = differences.splitlines()[-1]
+  assert "+0.89" in line and line.rstrip().endswith("yes |")
+  close = _results({"vqgan": [0.5, 0.6, 0.7], "pcl": [0.55, 0.65, 0.75]})
+  assert regvq_study._differences(close, [("vqgan", "pcl")],
+                                  [("tokenizer", "usage")]).rstrip().endswith("no |")
+  np.testing.assert_allclose(np.std([0.02, 0.03, 0.04], ddof=1), 0.01)
+
+
+def test_plan_runs_first_seeds_first_and_skips_rows_in_the_json():
+  args = argparse.Namespace(only="", sections="ladder", seeds="")
+  plan = regvq_study.selected(args)
+  seeds = [seed for _, seed in plan]
+  assert seeds[:5] == [0] * 5 and set(seeds[5:]) == {1, 2}
+  assert len(plan) == 15
