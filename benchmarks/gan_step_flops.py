@@ -27,7 +27,7 @@ def configs():
   result = []
   config = demo.get_config("tokenizer")
   config.unlock()
-  result.append(("demo 32px (batch %d)" % config.tokenizer.train.batch_size, config))
+  result.append((f"demo 32px (batch {config.tokenizer.train.batch_size})", config))
   config = demo.get_config("tokenizer")
   config.unlock()
   config.data.image_size = 64
