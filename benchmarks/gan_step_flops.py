@@ -65,7 +65,8 @@ def main(argv=None) -> int:
   if args.compare:
     before_path, after_path = args.compare.split(",")
     before, after = (json.load(open(p)) for p in (before_path, after_path))
-    print("| config | before GFLOP | after GFLOP | after ÷ before | temporaries before → after (MiB) |")
+    print("| config | before GFLOP | after GFLOP | after ÷ before "
+          "| temporaries before → after (MiB) |")
     print("|---|---|---|---|---|")
     for b, a in zip(before["rows"], after["rows"]):
       print(f"| {a['config']} | {b['gflop']:.2f} | {a['gflop']:.2f} | "

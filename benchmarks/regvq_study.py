@@ -206,6 +206,7 @@ def build_config(row: Row, seed: int, args):
 def train_row(row: Row, seed: int, args) -> dict:
   """Trains the row's tokenizer and priors in a fresh directory; their final metrics."""
   import jax  # noqa: F401  (after the environment is set)
+
   from rvq_jax.train import loop
   from rvq_jax.train import stages
   config = build_config(row, seed, args)
@@ -380,7 +381,8 @@ def _plots(results, output_dir) -> list[str]:
   if len(points) >= 2:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, index, ylabel in ((axes[0], 1, "held-out argmax usage (fraction of K)"),
-                              (axes[1], 4, "PSNR (dB)"), (axes[2], 3, "AR gFD-VGG (lower is better)")):
+                              (axes[1], 4, "PSNR (dB)"),
+                              (axes[2], 3, "AR gFD-VGG (lower is better)")):
       xs = [p[0] for p in points if p[index]]
       ys = [np.mean(p[index]) for p in points if p[index]]
       errs = [np.std(p[index], ddof=1) if len(p[index]) > 1 else 0 for p in points if p[index]]

@@ -118,8 +118,13 @@ def load_npz(path: PathLike) -> dict[str, np.ndarray]:
         return {name: archive[name] for name in archive.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
       # NumPy reads a file that is not a zip archive as a pickle and answers with advice
-      # about allow_pickle, which names neither the file nor the problem.
-      raise ValueError(f"{os.fspath(path)} is not a readable .npz archive ({error}).") from None
+      # to load it unsafely, which names neither the file nor the problem: keep only
+      # messages of our own or of the zip reader.
+      reason = str(error)
+      if "pickle" in reason:
+        reason = "not a zip archive of .npy arrays"
+      raise ValueError(f"{os.fspath(path)} is not a readable .npz archive ({reason}); "
+                       "write weights with numpy.savez.") from None
 
 
 def walk(root: PathLike) -> Iterator[tuple[str, list[str], list[str]]]:

@@ -47,6 +47,7 @@ class FakeGcs:
 def fake_gcs(root) -> Iterator[FakeGcs]:
   import orbax.checkpoint as ocp
   from clu import metric_writers
+  from etils import epath
   from etils.epath import gpath
   from etils.epath import testing
 
@@ -70,12 +71,26 @@ def fake_gcs(root) -> Iterator[FakeGcs]:
     for directory, subdirs, files in original(gcs.local(top), **kwargs):
       yield gcs.remote(directory) if remote else directory, subdirs, files
 
-  real_manager = ocp.CheckpointManager
   real_writer = metric_writers.create_default_writer
 
-  def checkpoint_manager(directory, *args, **kwargs):
-    gcs.orbax_dirs.append(os.fspath(directory))
-    return real_manager(gcs.local(directory), *args, **kwargs)
+  # Subclasses, not functions: the project subclasses CheckpointManager itself.
+  class CheckpointManager(ocp.CheckpointManager):
+    def __init__(self, directory, *args, **kwargs):
+      gcs.orbax_dirs.append(os.fspath(directory))
+      super().__init__(gcs.local(directory), *args, **kwargs)
+
+  class StandardCheckpointer(ocp.StandardCheckpointer):
+    """The params-only exports' writer and reader."""
+
+    def save(self, directory, *args, **kwargs):
+      gcs.orbax_dirs.append(os.fspath(directory))
+      return super().save(epath.Path(gcs.local(directory)), *args, **kwargs)
+
+    def restore(self, directory, *args, **kwargs):
+      return super().restore(epath.Path(gcs.local(directory)), *args, **kwargs)
+
+    def metadata(self, directory, *args, **kwargs):
+      return super().metadata(epath.Path(gcs.local(directory)), *args, **kwargs)
 
   def default_writer(logdir=None, **kwargs):
     if logdir is not None:
@@ -88,7 +103,8 @@ def fake_gcs(root) -> Iterator[FakeGcs]:
     stack.enter_context(testing.mock_epath(
         open=one, exists=one, isdir=one, listdir=one, makedirs=one, mkdir=one, remove=one,
         rmtree=one, stat=one, copy=two, rename=two, replace=two, glob=glob, walk=walk))
-    stack.enter_context(mock.patch.object(ocp, "CheckpointManager", checkpoint_manager))
+    stack.enter_context(mock.patch.object(ocp, "CheckpointManager", CheckpointManager))
+    stack.enter_context(mock.patch.object(ocp, "StandardCheckpointer", StandardCheckpointer))
     stack.enter_context(mock.patch.object(metric_writers, "create_default_writer",
                                           default_writer))
     yield gcs

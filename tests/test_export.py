@@ -289,8 +289,8 @@ def test_export_mode_writes_every_trained_stages_export(run, tmp_path):
   done = main(workdir)
   assert done.returncode == 0, done.stderr[-3000:]
   assert done.stdout.splitlines() == [
-      f"tokenizer: params-only export written to {workdir / 'tokenizer' / 'export'}",
-      f"ar: params-only export written to {workdir / 'ar' / 'export'}"]
+      f"rvq_jax: tokenizer: params-only export written to {workdir / 'tokenizer' / 'export'}",
+      f"rvq_jax: ar: params-only export written to {workdir / 'ar' / 'export'}"]
   prior = rvq_jax.Prior.load(workdir / "ar")
   assert prior.tokenizer.path == workdir / "tokenizer" / "export" and prior.step == 2
   failed = main(tmp_path / "empty")

@@ -209,8 +209,9 @@ def test_one_generator_backward_gives_the_full_graph_gradients(pcl_weight):
   scale = np.linalg.norm(flat_want)
   # The whole gradient: float32 rounding in another summation order only.
   assert np.linalg.norm(flat_got - flat_want) <= 1e-4 * scale
-  # Each leaf as a whole (L2): rounding reaches ~1e-3 of small leaves, and leaves whose gradient is 0 in exact arithmetic (attention key
-  # biases) hold float noise, hence the floor of 1e-5 of the whole gradient's norm.
+  # Each leaf as a whole (L2): rounding reaches ~1e-3 of small leaves, and leaves whose
+  # gradient is 0 in exact arithmetic (attention key biases) hold float noise, hence the
+  # floor of 1e-5 of the whole gradient's norm.
   for (path, got), expected in zip(jax.tree.leaves_with_path(grads), jax.tree.leaves(want)):
     got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
     error = np.linalg.norm(got - expected)

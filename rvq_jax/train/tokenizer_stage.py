@@ -416,8 +416,8 @@ class TokenizerStage:
     frozen = nnx.merge(self._frozen_graphdef, constants)
     images, valid = batch["image"], batch["valid"].astype(jnp.float32)
     model = self.eval_model(container)
-    features = model.quantizer_input(images)
-    quantizer_output = model.quantizer(features, deterministic=True)
+    quantizer_input = model.quantizer_input(images)
+    quantizer_output = model.quantizer(quantizer_input, deterministic=True)
     reconstructions = model.decode(quantizer_output.quantized)
     per_image = {
         "l1": jnp.mean(jnp.abs(images - reconstructions), axis=(1, 2, 3)),
@@ -452,7 +452,8 @@ class TokenizerStage:
                                     indices.shape)
     sums["count"] = jnp.sum(valid)
     sums["code_counts"] = self._code_counts(indices, valid_tokens)
-    soft = (model.quantizer.soft_probs(features, step=self.config.tokenizer.train.num_steps)
+    soft = (model.quantizer.soft_probs(quantizer_input,
+                                         step=self.config.tokenizer.train.num_steps)
             if hasattr(model.quantizer, "soft_probs") else None)
     if soft is not None:
       # Categorical quantizers: Σ over valid tokens of p_i, [M, K] (M = 1 unless
