@@ -452,9 +452,11 @@ class Prior:
   """A trained AR or diffusion prior from its export, with the tokenizer that decodes it.
 
   `sample(num_samples, condition, seed=…)` draws tokens (one compile per number of
-  samples and set of options) and decodes them with the tokenizer. The tokenizer is the
-  one the prior was trained on: passed to `load`, else the export the prior's
-  export.json names, else `<workdir>/tokenizer/export` beside the prior's stage.
+  samples and static structure of the options, e.g. guidance on or off; new temperature,
+  top-k/top-p, guidance or truncation values reuse it) and decodes them with the
+  tokenizer. The tokenizer is the one the prior was trained on: passed to `load`, else
+  the export the prior's export.json names, else `<workdir>/tokenizer/export` beside
+  the prior's stage.
 
   Attributes:
     module: the NNX prior (`rvq_jax.models.priors.Prior`) holding the exported weights.

@@ -8,8 +8,10 @@ import optax
 import pytest
 from flax import nnx
 
+from rvq_jax import ops
 from rvq_jax import parallel
 from rvq_jax.models.priors.ar import ARPrior
+from rvq_jax.models.priors.base import _sample_jit
 
 K, GRID, L = 16, (4, 4), 16
 TINY = dict(vocab_size=K, grid_size=GRID, width=32, depth=2, num_heads=4)
@@ -165,3 +167,123 @@ def test_bad_arguments_fail_before_compiling():
     unconditional.sample(jax.random.key(0), None, num_samples=2, guidance_scale=2.0)
   with pytest.raises(ValueError, match="pkeep"):
     plain.loss(_tokens(0, 2), condition, key=jax.random.key(0), pkeep=0.0)
+
+
+# ------------------------------------------------------- sampling without recompiles
+
+
+def _reference_samples(model, key, condition, num_samples, *, temperature=1.0, top_k=0,
+                       top_p=1.0, guidance_scale=1.0):
+  """The pre-traced sampler, brute force: teacher-forced logits of the whole sequence
+  per (position, sub-token), guidance and `ops.sample_logits` with Python numbers (each
+  value its own program), the sampler's keys (fold_in(key, i), then fold_in(·, m))."""
+  m = model.num_subtokens
+  guided = guidance_scale != 1.0
+  batch = 2 * num_samples if guided else num_samples
+  drop = jnp.arange(batch) >= num_samples if guided else None
+  cond = jnp.concatenate([condition, condition]) if guided else condition
+  logits_fn = nnx.jit(lambda model, tokens: model.logits(tokens, cond, drop=drop))
+
+  @jax.jit
+  def draw(step_key, logits):  # [batch, K] → [n]
+    if guided:
+      logits = ops.classifier_free_guidance(logits[:num_samples], logits[num_samples:],
+                                            guidance_scale)
+    return ops.sample_logits(step_key, logits, temperature=temperature, top_k=top_k,
+                             top_p=top_p)
+
+  tokens = jnp.zeros((num_samples, L, m), jnp.int32)
+  for i in range(L):
+    for j in range(m):
+      both = jnp.concatenate([tokens, tokens]) if guided else tokens
+      logits = logits_fn(model, both if m > 1 else both[..., 0])[:, i, j]
+      step_key = jax.random.fold_in(key, i)
+      step_key = jax.random.fold_in(step_key, j) if m > 1 else step_key
+      tokens = tokens.at[:, i, j].set(draw(step_key, logits))
+  return tokens[..., 0] if m == 1 else tokens
+
+
+OPTION_SERIES = [  # each group: one static structure, two or three values
+    [dict(temperature=0.7), dict(temperature=1.3), dict(temperature=0.0)],
+    [dict(top_k=5), dict(top_k=10)],
+    [dict(top_p=0.9), dict(top_p=0.8)],
+    [dict(guidance_scale=2.0), dict(guidance_scale=3.0)],
+]
+
+
+def test_changing_sampling_values_compiles_once_per_static_structure(monkeypatch):
+  """temperature 0.7 → 1.3 → 0 (greedy), top_k 5 → 10, top_p 0.9 → 0.8, guidance 2 → 3:
+  four structures, four traces and four compiled programs, not one per value; and every
+  sample equals the brute-force Python-number sampler's for the same key."""
+  model = _prior(condition="class")  # not sharpened: every filter value matters
+  structures = []
+  trace = ARPrior._sample_impl
+
+  def counting(self, *args, **options):
+    structures.append({k: options[k] for k in ("guided", "top_k_on", "top_p_on")})
+    return trace(self, *args, **options)
+
+  monkeypatch.setattr(ARPrior, "_sample_impl", counting)
+  _sample_jit.clear_cache()
+  condition, key = jnp.array([0, 1, 4, 2, 3]), jax.random.key(11)
+  samples = {}
+  for group in OPTION_SERIES:
+    for options in group:
+      name = str(options)
+      samples[name] = model.sample(key, condition, num_samples=5, **options)
+      np.testing.assert_array_equal(samples[name],
+                                    _reference_samples(model, key, condition, 5, **options),
+                                    err_msg=name)
+  assert structures == [
+      dict(guided=False, top_k_on=False, top_p_on=False),
+      dict(guided=False, top_k_on=True, top_p_on=False),
+      dict(guided=False, top_k_on=False, top_p_on=True),
+      dict(guided=True, top_k_on=False, top_p_on=False)]
+  assert _sample_jit._cache_size() == 4
+  # The values reached the programs: each series' samples differ.
+  for group in OPTION_SERIES:
+    assert len({np.asarray(samples[str(options)]).tobytes() for options in group}) == len(group)
+
+
+@pytest.mark.parametrize("num_subtokens,options", [
+    (1, dict(temperature=0.9, top_k=6, top_p=0.7, guidance_scale=2.5)),
+    (2, dict(temperature=1.2, top_k=9, guidance_scale=1.5)),
+    (2, dict(temperature=0.0, top_p=0.5)),
+])
+def test_samples_equal_the_python_number_reference(num_subtokens, options):
+  model = _prior(condition="class", num_subtokens=num_subtokens)
+  _sharpen(model)
+  condition, key = jnp.array([3, 0, 1]), jax.random.key(5)
+  want = _reference_samples(model, key, condition, 3, **options)
+  for use_cache in (True, False):
+    np.testing.assert_array_equal(
+        model.sample(key, condition, num_samples=3, use_cache=use_cache, **options), want)
+
+
+def test_traced_options_inside_a_users_jit_compile_once():
+  """Arrays as options (here traced by an outer jit) skip the Python checks and compile
+  every feature in; guidance 1 and k 0 / p 1 then equal the unguided, unfiltered path."""
+  model = _prior(condition="class")
+  _sharpen(model)
+  condition, key = jnp.array([0, 1, 4]), jax.random.key(2)
+
+  @jax.jit
+  def draw(temperature, top_k, top_p, guidance_scale):
+    return model.sample(key, condition, num_samples=3, temperature=temperature,
+                        top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
+
+  for t, k, p, g in [(0.8, 4, 0.9, 2.0), (1.1, 0, 1.0, 3.0), (0.0, 2, 0.5, 1.5)]:
+    np.testing.assert_array_equal(
+        draw(t, jnp.int32(k), p, g),
+        model.sample(key, condition, num_samples=3, temperature=t, top_k=k, top_p=p,
+                     guidance_scale=g))
+  assert draw._cache_size() == 1
+  # Guidance scale 1 on the guided program gives the conditional distribution: the same
+  # greedy tokens as the unguided program.
+  np.testing.assert_array_equal(
+      draw(0.0, jnp.int32(0), 1.0, 1.0),
+      model.sample(key, condition, num_samples=3, temperature=0.0))
+  with pytest.raises(ValueError, match="top_k must be an int"):
+    model.sample(key, condition, num_samples=3, top_k=jnp.float32(3.0))
+  with pytest.raises(ValueError, match="max_top_k"):
+    model.sample(key, condition, num_samples=3, top_k=9, max_top_k=8)

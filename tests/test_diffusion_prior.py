@@ -8,9 +8,12 @@ import pytest
 from flax import nnx
 
 from rvq_jax import config as config_lib
+from rvq_jax import ops
 from rvq_jax import parallel
+from rvq_jax.models.priors.base import _sample_jit
 from rvq_jax.models.priors.diffusion import DiffusionLossHistory
 from rvq_jax.models.priors.diffusion import DiffusionPrior
+from rvq_jax.ops import diffusion
 
 K, T, GRID, L = 16, 10, (4, 4), 16
 
@@ -239,3 +242,122 @@ def test_bad_arguments_fail_early_with_clear_messages(monkeypatch):
   with pytest.raises(ValueError, match="condition_dropout must be in"):
     prior.loss(jnp.zeros((2, 16), jnp.int32), cond, key=jax.random.key(0),
                condition_dropout=1.5)
+
+
+# ------------------------------------------------------- sampling without recompiles
+
+
+def _reference_samples(prior, key, condition, num_samples, *, num_steps=None,
+                       truncation_rate=1.0, temperature=1.0, guidance_scale=1.0,
+                       skip_rule="exact"):
+  """The pre-traced sampler step by step: a Python loop over the reverse steps, each
+  jitted with its options as Python numbers (so `ops` take their static paths, and
+  temperature 1 / rate 1 skip their computations as they did)."""
+  n, vocab = num_samples, prior.vocab_size
+  steps = num_steps or T
+  skip_rule = "exact" if steps == T else skip_rule
+  guided = guidance_scale != 1.0
+  batch = 2 * n if guided else n
+  cond = jnp.concatenate([condition, condition]) if guided else condition
+  drop = jnp.arange(batch) >= n if guided else None
+
+  @nnx.jit
+  def step(prior, x, t, s, step_key):
+    prefix = prior.cond(cond, batch_size=batch, drop=drop)
+    x_in = jnp.concatenate([x, x]) if guided else x
+    log_p = prior.predict_x0(x_in, jnp.full((batch,), t), prefix)
+    if guided:
+      log_p = jax.nn.log_softmax(
+          ops.classifier_free_guidance(log_p[:n], log_p[n:], guidance_scale), axis=-1)
+    if temperature != 1.0:
+      log_p = jax.nn.log_softmax(log_p / temperature, axis=-1)
+    log_p = ops.truncate(jnp.maximum(log_p, diffusion.LOG_ZERO), truncation_rate)
+    log_post = ops.log_strided_posterior(log_p, x, jnp.full((n,), t), jnp.full((n,), s),
+                                         prior.schedule, rule=skip_rule)
+    log_post = jnp.where((s < 0) & (jnp.arange(vocab + 1) == vocab), -jnp.inf, log_post)
+    return diffusion.sample_categorical(step_key, log_post)
+
+  x = jnp.full((n, L, prior.num_subtokens), vocab, jnp.int32)
+  times, targets = diffusion.sampling_timesteps(T, steps)
+  for index, (t, s) in enumerate(zip(times, targets)):
+    x = step(prior, x, jnp.int32(t), jnp.int32(s), jax.random.fold_in(key, index))
+  return x[..., 0] if prior.num_subtokens == 1 else x
+
+
+def _opened(prior):
+  """AdaLN-Zero's gates are 0 at init, so the condition would not reach the tokens and
+  guidance would change nothing: opens them, and enlarges output and condition weights."""
+  for path, variable in nnx.to_flat_state(nnx.state(prior, nnx.Param)):
+    if "modulation" in path and path[-1] == "bias":
+      variable[...] = jnp.ones_like(variable[...])
+    if path[0] == "head" and path[-1] == "kernel" or path[:2] == ("cond", "embedding"):
+      variable[...] = variable[...] * 10
+  return prior
+
+
+DIFFUSION_SERIES = [  # each group: one static structure, two values
+    [dict(temperature=0.7), dict(temperature=1.3)],
+    [dict(truncation_rate=0.9), dict(truncation_rate=0.5)],
+    [dict(guidance_scale=2.0), dict(guidance_scale=3.0)],
+]
+
+
+def test_changing_sampling_values_compiles_once_per_static_structure(monkeypatch):
+  """temperature 0.7 → 1.3 (→ 1), truncation 0.9 → 0.5, guidance 2 → 3: three
+  structures, three traces and programs, not one per value; every sample equals the
+  step-by-step Python-number sampler's for the same key."""
+  prior = _opened(_prior("class", depth=1))
+  structures = []
+  trace = DiffusionPrior._sample_impl
+
+  def counting(self, *args, **options):
+    structures.append({k: options[k] for k in ("num_steps", "guided", "truncated")})
+    return trace(self, *args, **options)
+
+  monkeypatch.setattr(DiffusionPrior, "_sample_impl", counting)
+  _sample_jit.clear_cache()
+  condition, key = jnp.array([0, 1, 2, 1, 0]), jax.random.key(8)
+  samples = {}
+  for group in DIFFUSION_SERIES:
+    for options in group + ([dict(temperature=1.0)] if "temperature" in group[0] else []):
+      name = str(options)
+      samples[name] = prior.sample(key, condition, num_samples=5, num_steps=4, **options)
+      np.testing.assert_array_equal(
+          samples[name], _reference_samples(prior, key, condition, 5, num_steps=4, **options),
+          err_msg=name)
+  assert structures == [dict(num_steps=4, guided=False, truncated=False),
+                        dict(num_steps=4, guided=False, truncated=True),
+                        dict(num_steps=4, guided=True, truncated=False)]
+  assert _sample_jit._cache_size() == 3
+  for group in DIFFUSION_SERIES:  # the values reached the programs
+    assert len({np.asarray(samples[str(options)]).tobytes() for options in group}) == 2, group
+
+
+@pytest.mark.parametrize("condition,num_subtokens,options", [
+    ("class", 2, dict(num_steps=4, truncation_rate=0.86, guidance_scale=3.0,
+                      temperature=0.8)),
+    ("semantic", 1, dict(num_steps=3, skip_rule="released", temperature=1.2,
+                         truncation_rate=0.7, guidance_scale=1.5)),
+    ("none", 1, dict(temperature=0.9)),  # all T steps
+])
+def test_samples_equal_the_python_number_reference(condition, num_subtokens, options):
+  prior = _opened(_prior(condition, num_subtokens))
+  cond, key = _condition(condition, 3), jax.random.key(6)
+  np.testing.assert_array_equal(prior.sample(key, cond, num_samples=3, **options),
+                                _reference_samples(prior, key, cond, 3, **options))
+
+
+def test_traced_options_inside_a_users_jit_compile_once():
+  prior = _opened(_prior("class", depth=1))
+  condition, key = jnp.array([2, 0, 1]), jax.random.key(1)
+
+  @jax.jit
+  def draw(temperature, truncation_rate, guidance_scale):
+    return prior.sample(key, condition, num_samples=3, num_steps=3, temperature=temperature,
+                        truncation_rate=truncation_rate, guidance_scale=guidance_scale)
+
+  for t, r, g in [(0.8, 0.9, 2.0), (1.0, 1.0, 3.0), (1.3, 0.6, 1.5)]:
+    np.testing.assert_array_equal(
+        draw(t, r, g), prior.sample(key, condition, num_samples=3, num_steps=3,
+                                    temperature=t, truncation_rate=r, guidance_scale=g))
+  assert draw._cache_size() == 1

@@ -525,16 +525,22 @@ def truncate(log_probs: jax.Array, rate) -> jax.Array:
 
   Args:
     log_probs: [..., C] normalized log-probabilities.
-    rate: in (0, 1]; 1 keeps everything.
+    rate: in (0, 1]; 1 keeps everything. A Python number is checked (and 1 returns
+      before any sort); an array (traced or not; a scalar or [..., 1]) is not checked,
+      and rate >= 1 returns the input unchanged as the Python 1 does, so one program
+      serves every rate.
 
   Returns:
     [..., C] float32 log-probabilities.
   """
-  if isinstance(rate, numbers.Real):
+  static = isinstance(rate, numbers.Real)
+  if static:
     if not 0.0 < float(rate) <= 1.0:
       raise ValueError(f"truncation rate must lie in (0, 1], got {rate}.")
     if float(rate) == 1.0:
       return log_probs.astype(jnp.float32)
+  else:
+    rate = jnp.asarray(rate, jnp.float32)
   log_probs = log_probs.astype(jnp.float32)
   order = jnp.argsort(-log_probs, axis=-1)
   sorted_probs = jnp.exp(jnp.take_along_axis(log_probs, order, axis=-1))
@@ -542,7 +548,8 @@ def truncate(log_probs: jax.Array, rate) -> jax.Array:
   keep_sorted = mass_above < rate
   keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
   kept = jnp.where(keep, log_probs, -jnp.inf)
-  return jnp.where(keep, _clamp(jax.nn.log_softmax(kept, axis=-1)), LOG_ZERO)
+  truncated = jnp.where(keep, _clamp(jax.nn.log_softmax(kept, axis=-1)), LOG_ZERO)
+  return truncated if static else jnp.where(rate >= 1.0, log_probs, truncated)
 
 
 def sample_categorical(key: jax.Array, log_probs: jax.Array) -> jax.Array:

@@ -385,7 +385,10 @@ class PriorStage:
 
 @nnx.jit(static_argnames=("layout", "num_samples", "options"))
 def sample_tokens(model, key, condition, layout, num_samples, options):
-  """Tokens [N, h, w] (or [N, h, w, M]) sampled from `model`; `options` is sorted items."""
+  """Tokens [N, h, w] (or [N, h, w, M]) sampled from `model`; `options` is sorted items.
+
+  The options are static here (the run's config, fixed for a run: one compile); the
+  prior's own `sample` passes their values to its sampler as traced arguments."""
   tokens = model.sample(key, condition, num_samples=num_samples, **dict(options))
   return tokens.reshape((num_samples,) + layout.grid_shape())
 

@@ -21,7 +21,9 @@ token per step through the trunk with a per-layer KV cache (O(L) per step), and
 randomness from `fold_in(key, i)` (and `fold_in(·, m)` per sub-token), so they return
 the same tokens. Classifier-free guidance (scale ≠ 1) runs the conditional and the
 null-conditional rows as one batch of 2N and mixes their log-probabilities with
-`ops.classifier_free_guidance`.
+`ops.classifier_free_guidance`. Temperature, top-k, top-p and the guidance scale are
+traced arguments of the compiled sampler (new values do not recompile); whether
+guidance and each filter are on, and use_cache, are its static structure.
 
 Logical axis names: token embeddings (None, 'vocab', 'embed') [M, K, W]; position
 embeddings ('position', 'embed'); output projections ('embed', 'vocab') (per-slot
@@ -29,6 +31,7 @@ embeddings ('position', 'embed'); output projections ('embed', 'vocab') (per-slo
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax
@@ -39,6 +42,8 @@ from rvq_jax import ops
 from rvq_jax.models.layers import partitioning
 from rvq_jax.models.layers.transformer import Transformer
 from rvq_jax.models.priors.base import Prior
+from rvq_jax.models.priors.base import is_number
+from rvq_jax.models.priors.base import run_time_value
 from rvq_jax.models.priors.token_layout import TokenLayout
 
 
@@ -213,28 +218,59 @@ class ARPrior(Prior):
 
   # ------------------------------------------------------------------ sampling
 
-  def _checked_sample_options(self, *, temperature: float = 1.0, top_k: int = 0,
-                              top_p: float = 1.0, guidance_scale: float = 1.0,
-                              use_cache: bool = True) -> dict[str, Any]:
+  def _checked_sample_options(self, *, temperature: Any = 1.0, top_k: Any = 0,
+                              top_p: Any = 1.0, guidance_scale: Any = 1.0,
+                              use_cache: bool = True, max_top_k: int | None = None
+                              ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
     """temperature 0 is greedy; top_k 0 and top_p 1 disable the filters
     (`ops.sample_logits`); guidance_scale ≠ 1 applies classifier-free guidance against the
     learned null condition; use_cache=False recomputes the prefix at every position (the
-    reference the KV cache is tested against)."""
-    if float(temperature) < 0:
-      raise ValueError(f"temperature must be >= 0, got {temperature}.")
-    if not isinstance(top_k, int) or top_k < 0:
-      raise ValueError(f"top_k must be a non-negative int, got {top_k!r}.")
-    if not 0.0 < float(top_p) <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
-    return dict(temperature=float(temperature), top_k=top_k, top_p=float(top_p),
-                guidance_scale=float(guidance_scale), use_cache=bool(use_cache))
+    reference the KV cache is tested against).
 
-  def _sample_impl(self, key, condition, *, num_samples, temperature, top_k, top_p,
-                   guidance_scale, use_cache):
+    Run-time (traced) values: temperature (greedy or not is a `jnp.where` on its value,
+    not a recompile), top_k, top_p, guidance_scale. Static structure (`base.Prior.sample`):
+    use_cache (another loop); `guided` (guidance_scale ≠ 1 runs the null-condition rows
+    too, doubling the batch); `top_k_on` (0 < top_k < K) and `top_p_on` (top_p < 1), so
+    that sampling without a filter never sorts; `max_top_k` (default K), the static
+    bound of the top-k sort (`ops.top_k_filter`): a traced k above it acts as max_top_k,
+    so a smaller bound (a cheaper sort for a large K) must be >= every k used. Python
+    numbers are checked and set the flags from their values; arrays (traced) are not
+    checked and turn their feature on (guided, filter on; k <= 0 / p >= 1 then keep
+    everything, guidance scale 1 gives the conditional distribution).
+    """
+    if is_number(temperature) and float(temperature) < 0:
+      raise ValueError(f"temperature must be >= 0, got {temperature}.")
+    if isinstance(top_k, numbers.Number) and (not isinstance(top_k, numbers.Integral)
+                                              or top_k < 0):
+      raise ValueError(f"top_k must be a non-negative int, got {top_k!r}.")
+    if is_number(top_p) and not 0.0 < float(top_p) <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+    bound = self.vocab_size if max_top_k is None else max_top_k
+    if not isinstance(bound, int) or not 1 <= bound <= self.vocab_size:
+      raise ValueError(f"max_top_k must be an int in [1, K={self.vocab_size}] (or None "
+                       f"for K), got {max_top_k!r}.")
+    top_k_on = not is_number(top_k) or 0 < top_k < self.vocab_size
+    if is_number(top_k) and top_k_on and top_k > bound:
+      raise ValueError(f"top_k={top_k} exceeds max_top_k={bound}.")
+    static = dict(use_cache=bool(use_cache),
+                  guided=not is_number(guidance_scale) or float(guidance_scale) != 1.0,
+                  top_k_on=top_k_on, top_p_on=not is_number(top_p) or float(top_p) < 1.0,
+                  max_top_k=bound if top_k_on else None)
+    values = dict(temperature=run_time_value("temperature", temperature, jnp.float32),
+                  top_k=run_time_value("top_k", top_k, jnp.int32),
+                  top_p=run_time_value("top_p", top_p, jnp.float32),
+                  guidance_scale=run_time_value("guidance_scale", guidance_scale,
+                                                jnp.float32))
+    return static, values
+
+  def _sample_impl(self, key, condition, *, num_samples, use_cache, guided, top_k_on,
+                   top_p_on, max_top_k, temperature, top_k, top_p, guidance_scale):
     n, m, length, lc = num_samples, self.num_subtokens, self.length, self.prefix_length
-    guided = guidance_scale != 1.0
-    condition, drop, batch = self._guidance_batch(condition, n, guidance_scale)
+    condition, drop, batch = self._guidance_batch(condition, n, guided)
     prefix = self._prefix(condition, batch, drop)  # [batch, Lc, W]
+    # A filter that is off is the Python default, so `ops` compiles no sort for it.
+    top_k = top_k if top_k_on else 0
+    top_p = top_p if top_p_on else 1.0
 
     def both(x):  # rows of the n samples → rows of the batch
       return jnp.concatenate([x, x], axis=0) if guided else x
@@ -243,7 +279,7 @@ class ARPrior(Prior):
       if guided:
         logits = ops.classifier_free_guidance(logits[:n], logits[n:], guidance_scale)
       return ops.sample_logits(step_key, logits, temperature=temperature, top_k=top_k,
-                               top_p=top_p)
+                               top_p=top_p, max_top_k=max_top_k)
 
     def pick(step_key, hidden):  # hidden [batch, W] → ids [n, M]
       if m == 1:

@@ -11,10 +11,16 @@ Training options (condition dropout, AR's pkeep, diffusion's auxiliary weight) a
 prior's attributes, set from `<prior>.loss` at construction, so a training loop calls
 every prior the same way. `SAMPLE_OPTIONS` names the keyword options `sample` takes
 (read from `<prior>.sample`), and `PROGRESS_KEYS` the metrics a progress line shows.
+
+Sampling compiles once per static structure (the number of samples, whether guidance
+doubles the batch, which filters are on, the diffusion's step count and skip rule); the
+option values themselves (temperature, top-k, top-p, guidance scale, truncation rate)
+are traced arguments of the jitted sampler, so changing them does not recompile.
 """
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Mapping
 from typing import Any
 from typing import ClassVar
@@ -89,26 +95,37 @@ class Prior(TokenSequenceModel, nnx.Module):
     """Samples tokens [num_samples, L] int32 (or [num_samples, L, M]).
 
     condition: None ('none'), [num_samples] int ('class'), [num_samples, h, w] int
-    ('semantic'). Options are checked before anything compiles; sampling is jitted
-    (one compile per set of static options) and traceable inside an outer `jit`.
+    ('semantic'). Options are Python numbers, checked before anything compiles, or
+    scalar arrays (e.g. traced inside a caller's `jit`), taken as run-time values and
+    not checked. Sampling is jitted (and traceable inside an outer `jit`) with the
+    option *values* (temperature, top-k, top-p, guidance scale, truncation rate) as
+    traced arguments, so changing a value reuses the compiled sampler; only the static
+    structure compiles anew: num_samples and `_checked_sample_options`'s static part
+    (whether guidance doubles the batch, which filters are on, the loop's shape; see
+    each prior). A Python number picks the cheapest structure for its value (guidance
+    scale 1: no null-condition rows; top_k 0, top_p 1, truncation rate 1: no filter);
+    an array always compiles the feature in, so one program serves all of its values.
     """
     if not isinstance(num_samples, int) or num_samples < 1:
       raise ValueError(f"num_samples must be a positive int, got {num_samples!r}.")
     self.cond.check_condition(condition, num_samples)
-    options = self._checked_sample_options(**options)
-    if float(options.get("guidance_scale", 1.0)) != 1.0 and self.cond.kind == "none":
+    static, values = self._checked_sample_options(**options)
+    if static.get("guided") and self.cond.kind == "none":
       raise ValueError("classifier-free guidance (guidance_scale != 1) needs a class or "
                        "semantic condition; this prior is unconditional.")
     graphdef, state = nnx.split(self)
-    return _sample_jit(graphdef, state, key, condition, num_samples=num_samples,
-                       options=tuple(sorted(options.items())))
+    return _sample_jit(graphdef, state, key, condition, values, num_samples=num_samples,
+                       options=tuple(sorted(static.items())))
 
-  def _checked_sample_options(self, **options) -> dict[str, Any]:
-    """Validated, normalized (hashable) sampling options."""
+  def _checked_sample_options(self, **options) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+    """Validated options split into (static structure: hashable Python values that
+    select the program, run-time values: float32/int32 scalar arrays it takes)."""
     raise NotImplementedError
 
   def _sample_impl(self, key: jax.Array, condition: jax.Array | None, *, num_samples: int,
                    **options) -> jax.Array:
+    """Traced body of `sample`: `options` are the static structure and the run-time
+    values of `_checked_sample_options` together."""
     raise NotImplementedError
 
   # ------------------------------------------------------------------ shared pieces
@@ -143,21 +160,40 @@ class Prior(TokenSequenceModel, nnx.Module):
     return jax.random.bernoulli(key, rate, (batch,))
 
   @staticmethod
-  def _guidance_batch(condition: jax.Array | None, num_samples: int, guidance_scale: float
+  def _guidance_batch(condition: jax.Array | None, num_samples: int, guided: bool
                       ) -> tuple[jax.Array | None, jax.Array | None, int]:
     """Classifier-free guidance runs the conditional and null rows in one batch.
 
-    Returns (condition for the batch, drop [batch] bool or None, batch size): rows
-    num_samples.. are the null-condition branch.
+    guided (static): whether guidance is on. Returns (condition for the batch, drop
+    [batch] bool or None, batch size): rows num_samples.. are the null-condition branch.
     """
-    if guidance_scale == 1.0:
+    if not guided:
       return condition, None, num_samples
     batch = 2 * num_samples
     return (jnp.concatenate([condition, condition], axis=0), jnp.arange(batch) >= num_samples,
             batch)
 
 
+def is_number(value: Any) -> bool:
+  """Whether a sampling option is a Python (or NumPy scalar) number, checked and used to
+  pick the static structure, rather than an array taken as a run-time value."""
+  return isinstance(value, numbers.Real)
+
+
+def run_time_value(name: str, value: Any, dtype: Any) -> jax.Array:
+  """A sampling option as the 0-d `dtype` array the jitted sampler takes."""
+  if not is_number(value):
+    if jnp.ndim(value) != 0:
+      raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}.")
+    if jnp.issubdtype(dtype, jnp.integer) and not jnp.issubdtype(jnp.result_type(value),
+                                                                  jnp.integer):
+      raise ValueError(f"{name} must be an int, got an array of {jnp.result_type(value)}.")
+  return jnp.asarray(value, dtype)
+
+
+# `options`: the static structure, sorted (name, value) items; `values`: the run-time
+# option values, {name: 0-d array}, traced, so new values reuse the compiled program.
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "options"))
-def _sample_jit(graphdef, state, key, condition, *, num_samples, options):
+def _sample_jit(graphdef, state, key, condition, values, *, num_samples, options):
   return nnx.merge(graphdef, state)._sample_impl(key, condition, num_samples=num_samples,
-                                                 **dict(options))
+                                                 **dict(options), **values)

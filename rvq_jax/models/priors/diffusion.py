@@ -10,6 +10,8 @@ This module is the denoiser and the three things a training stage calls:
   sample         from all-[MASK], T or fewer (strided) reverse steps under `lax.scan`,
                  with truncation, temperature and classifier-free guidance; a strided
                  step follows `skip_rule` ('exact' posterior, or the 'released' code's).
+                 Truncation rate, temperature and guidance scale are traced arguments
+                 of the compiled sampler (new values do not recompile).
 
 Denoiser (bidirectional, x_0-parameterization):
 
@@ -44,6 +46,8 @@ from rvq_jax import ops
 from rvq_jax.models.layers import partitioning
 from rvq_jax.models.layers.transformer import Transformer
 from rvq_jax.models.priors.base import Prior
+from rvq_jax.models.priors.base import is_number
+from rvq_jax.models.priors.base import run_time_value
 from rvq_jax.models.priors.token_layout import TokenLayout
 from rvq_jax.ops import diffusion
 
@@ -261,9 +265,9 @@ class DiffusionPrior(Prior):
   # ------------------------------------------------------------------ sampling
 
   def _checked_sample_options(self, *, num_steps: int | None = None,
-                              truncation_rate: float = 1.0, temperature: float = 1.0,
-                              guidance_scale: float = 1.0, skip_rule: str = "exact"
-                              ) -> dict[str, Any]:
+                              truncation_rate: Any = 1.0, temperature: Any = 1.0,
+                              guidance_scale: Any = 1.0, skip_rule: str = "exact"
+                              ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
     """Starts from all-[MASK] and runs `num_steps` reverse steps (None or 0: all T). With
     fewer steps the timesteps are evenly spaced from T−1 down to 0 and each step draws
     x_s at the next one by `skip_rule` (`ops.log_strided_posterior`): 'exact' (default)
@@ -273,30 +277,43 @@ class DiffusionPrior(Prior):
     step draws x_0 and never [MASK]. Per step, p(x_0|x_t) is guided (classifier-free,
     against the learned null condition, conditional and null rows in one batch), then
     tempered (log p / temperature, renormalized), then truncated to `truncation_rate` of
-    its mass (`ops.truncate`). Jitted (one compile per set of static options).
+    its mass (`ops.truncate`).
+
+    Run-time (traced) values: temperature (1 leaves p unchanged, by a `jnp.where`),
+    truncation_rate, guidance_scale. Static structure (one compile each,
+    `base.Prior.sample`): num_steps and skip_rule (the scan's length and step function);
+    `guided` (guidance_scale ≠ 1 runs the null-condition rows too, doubling the batch);
+    `truncated` (truncation_rate < 1), so that sampling without truncation never sorts.
+    Python numbers are checked and set the flags from their values; arrays (traced) are
+    not checked and turn their feature on (a rate >= 1 then keeps everything, a guidance
+    scale of 1 gives the conditional distribution).
     """
     steps = self.num_timesteps if num_steps in (None, 0) else num_steps
     if not isinstance(steps, int) or not 1 <= steps <= self.num_timesteps:
       raise ValueError(f"num_steps must be an int in [1, T={self.num_timesteps}] (or None "
                        f"for all), got {num_steps!r}.")
-    if not 0.0 < float(truncation_rate) <= 1.0:
+    if is_number(truncation_rate) and not 0.0 < float(truncation_rate) <= 1.0:
       raise ValueError(f"truncation_rate must lie in (0, 1], got {truncation_rate}.")
-    if not float(temperature) > 0.0:
+    if is_number(temperature) and not float(temperature) > 0.0:
       raise ValueError(f"temperature must be > 0, got {temperature}.")
     if skip_rule not in diffusion.SKIP_RULES:
       raise ValueError(f"skip_rule must be one of {diffusion.SKIP_RULES}, got {skip_rule!r}.")
     if steps == self.num_timesteps:
       skip_rule = "exact"  # no step is skipped: the rules are the same function
-    return dict(num_steps=steps, truncation_rate=float(truncation_rate),
-                temperature=float(temperature), guidance_scale=float(guidance_scale),
-                skip_rule=skip_rule)
+    static = dict(num_steps=steps, skip_rule=skip_rule,
+                  guided=not is_number(guidance_scale) or float(guidance_scale) != 1.0,
+                  truncated=not is_number(truncation_rate) or float(truncation_rate) < 1.0)
+    values = dict(
+        truncation_rate=run_time_value("truncation_rate", truncation_rate, jnp.float32),
+        temperature=run_time_value("temperature", temperature, jnp.float32),
+        guidance_scale=run_time_value("guidance_scale", guidance_scale, jnp.float32))
+    return static, values
 
-  def _sample_impl(self, key, condition, *, num_samples, num_steps, truncation_rate,
-                   temperature, guidance_scale, skip_rule):
+  def _sample_impl(self, key, condition, *, num_samples, num_steps, skip_rule, guided,
+                   truncated, truncation_rate, temperature, guidance_scale):
     n, vocab = num_samples, self.vocab_size
     schedule = self.schedule
-    guided = guidance_scale != 1.0
-    condition, drop, batch = self._guidance_batch(condition, n, guidance_scale)
+    condition, drop, batch = self._guidance_batch(condition, n, guided)
     prefix = self.cond(condition, batch_size=batch, drop=drop)  # same at every step
     times, targets = diffusion.sampling_timesteps(self.num_timesteps, num_steps)
 
@@ -307,9 +324,11 @@ class DiffusionPrior(Prior):
       if guided:
         log_p = jax.nn.log_softmax(
             ops.classifier_free_guidance(log_p[:n], log_p[n:], guidance_scale), axis=-1)
-      if temperature != 1.0:
-        log_p = jax.nn.log_softmax(log_p / temperature, axis=-1)
-      log_p = ops.truncate(jnp.maximum(log_p, diffusion.LOG_ZERO), truncation_rate)
+      # Temperature 1 leaves log p as it is (exactly, not renormalized again).
+      log_p = jnp.where(temperature == 1.0, log_p,
+                        jax.nn.log_softmax(log_p / temperature, axis=-1))
+      log_p = ops.truncate(jnp.maximum(log_p, diffusion.LOG_ZERO),
+                           truncation_rate if truncated else 1.0)
       log_post = ops.log_strided_posterior(log_p, x, jnp.full((n,), t), jnp.full((n,), s),
                                            schedule, rule=skip_rule)  # [n, L, M, K+1]
       # The last step lands on x_0, which is never [MASK].
