@@ -27,7 +27,11 @@ first and the last step, e.g. the tokenizer before and after its GAN starts). `-
 and `--dtype` (comma-separated) compile the step once for each combination of
 `<stage>.model.remat` and `<stage>.model.dtype` (default: the config's), and the
 report ends with a table of per-device temporaries and totals against the HBM of TPU
-v5e (16 GiB) and v5p (95 GiB) chips (`--markdown` writes it to a file).
+v5e (16 GiB) and v5p (95 GiB) chips (`--markdown` writes it to a file). XLA:CPU
+expands the checkpoints' optimization barriers and schedules the recomputation early,
+so on simulated CPU devices remat shows in the FLOPs but hardly in the temporaries;
+`benchmarks/remat_residuals.py` (what JAX saves) and `--topology` (XLA:TPU) show its
+effect (docs/results/memory.md).
 Frozen pretrained networks are random (`weights.random`) unless
 `--norandom_pretrained`: their shapes matter here, not their weights.
 """
@@ -338,6 +342,11 @@ def main(argv) -> int:
       files.write_json(_JSON.value, [dataclasses.asdict(r) for r in reports])
   table = memory_table(reports)
   print("\nPer-device memory (fits: total ≤ the chip's HBM):\n" + table)
+  if platform == "simulated cpu" and len({r.remat for r in reports}) > 1:
+    print("Note: XLA:CPU expands remat's optimization barriers and schedules the "
+          "recomputation early, so its temporaries barely change with remat (the FLOPs "
+          "do); compile with --topology for a TPU's figures, or run "
+          "benchmarks/remat_residuals.py for what JAX saves per setting.")
   if _MARKDOWN.value:
     files.write_bytes(_MARKDOWN.value, (table + "\n").encode())
   return 0
