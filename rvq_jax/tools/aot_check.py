@@ -151,6 +151,7 @@ def with_settings(config, stage_name: str, *, remat: str | None = None,
                   dtype: str | None = None):
   """A copy of `config` with `<stage>.model.remat` / `.dtype` set (None: unchanged)."""
   import copy  # pylint: disable=import-outside-toplevel
+
   from rvq_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   config = copy.deepcopy(config)
   model = config[stage_name].model

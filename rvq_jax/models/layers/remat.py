@@ -73,4 +73,8 @@ def call(mode: str, fn: Callable[..., Any], module: nnx.Module, *args: Any) -> A
   """
   if mode == "none":
     return fn(module, *args)
-  return nnx.remat(fn, policy=POLICIES[check_mode(mode)], prevent_cse=True, graph=False)(module, *args)
+  # Tree mode: graph mode updates the module's Variables inside the checkpointed trace,
+  # which fails for modules merged inside a plain `jax.vjp`/`jax.grad` (the train steps);
+  # tree mode returns their new values (RNG counts of dropout) instead.
+  return nnx.remat(fn, policy=POLICIES[check_mode(mode)], prevent_cse=True,
+                   graph=False)(module, *args)
