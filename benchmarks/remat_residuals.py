@@ -37,10 +37,7 @@ def _nbytes(tree) -> int:
   return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
 
 
-def residual_bytes(loss_fn, params, *inputs) -> int:
-  """Bytes of the residuals `jax.vjp(loss_fn)` keeps (params included where saved)."""
-  return _nbytes(jax.eval_shape(
-      lambda p, *x: jax.tree.leaves(jax.vjp(lambda q: loss_fn(q, *x), p)[1]), params, *inputs))
+residual_bytes = remat_lib.saved_residual_bytes
 
 
 def measure(config, remat: str, dtype: str) -> dict:

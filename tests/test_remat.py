@@ -20,6 +20,7 @@ from rvq_jax.models.priors.diffusion import DiffusionPrior
 from rvq_jax.models.tokenizer.discriminator import NLayerDiscriminator
 from rvq_jax.ops import gan_losses
 from rvq_jax.train.tokenizer_stage import TokenizerStage
+from rvq_jax.train.tokenizer_stage import build_tokenizer
 from tests import tiny_configs
 
 MODES = remat_lib.REMAT_MODES
@@ -159,3 +160,37 @@ def test_bfloat16_tokenizer_step_keeps_float32_state_and_finite_losses():
   fresh = stage.create(nnx.Rngs(0))
   assert not np.allclose(_flat(nnx.state(container.model, nnx.Param)),
                          _flat(nnx.state(fresh.model, nnx.Param)))
+
+
+def test_remat_shrinks_what_the_backward_pass_keeps():
+  """What JAX saves between forward and backward (platform-independent): each setting
+  keeps less than the one before, for the tokenizer, the discriminator and a prior."""
+  config = _tokenizer_config("none")
+  images = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+  saved = {}
+  for remat in MODES:
+    config.tokenizer.model.remat = remat
+    model = nnx.eval_shape(lambda: build_tokenizer(config, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def generator_loss(p, x, graphdef=graphdef, rest=rest):
+      reconstructions, output = nnx.merge(graphdef, p, rest)(
+          x, key=jax.random.key(0), step=0, deterministic=False)
+      return jnp.mean(jnp.abs(reconstructions - x)) + output.total_loss
+
+    disc = NLayerDiscriminator(ndf=32, n_layers=2, remat=remat, rngs=nnx.Rngs(0))
+    d_graphdef, d_params = nnx.split(disc, nnx.Param)
+    prior = ARPrior(vocab_size=16, grid_size=(4, 4), width=32, depth=2, num_heads=2,
+                    remat=remat, rngs=nnx.Rngs(0))
+    p_graphdef, p_params, p_rest = nnx.split(prior, nnx.Param, ...)
+    tokens = jnp.zeros((2, 16), jnp.int32)
+    saved[remat] = (
+        remat_lib.saved_residual_bytes(generator_loss, params, images),
+        remat_lib.saved_residual_bytes(
+            lambda p, x: jnp.mean(nnx.merge(d_graphdef, p)(x)), d_params, images),
+        remat_lib.saved_residual_bytes(
+            lambda p, t: nnx.merge(p_graphdef, p, p_rest).loss(t, key=jax.random.key(0))[0],
+            p_params, tokens))
+  for network in range(3):
+    none, blocks, full = (saved[remat][network] for remat in MODES)
+    assert none > blocks > full, (network, none, blocks, full)

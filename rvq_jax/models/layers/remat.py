@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 REMAT_MODES = ("none", "blocks", "full")
@@ -78,3 +79,13 @@ def call(mode: str, fn: Callable[..., Any], module: nnx.Module, *args: Any) -> A
   # tree mode returns their new values (RNG counts of dropout) instead.
   return nnx.remat(fn, policy=POLICIES[check_mode(mode)], prevent_cse=True,
                    graph=False)(module, *args)
+
+
+def saved_residual_bytes(loss_fn: Callable[..., Any], params: Any, *inputs: Any) -> int:
+  """Bytes of what `jax.vjp(loss_fn)` keeps for the backward pass (its residuals: the
+  leaves of the pullback), traced abstractly (`jax.eval_shape`: nothing is compiled or
+  allocated). Saved parameters count too. What XLA then allocates depends on the
+  backend's fusion and scheduling (see `rvq_jax.tools.aot_check`)."""
+  residuals = jax.eval_shape(
+      lambda p, *x: jax.tree.leaves(jax.vjp(lambda q: loss_fn(q, *x), p)[1]), params, *inputs)
+  return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize for a in residuals))
