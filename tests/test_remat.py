@@ -187,10 +187,10 @@ def test_remat_shrinks_what_the_backward_pass_keeps():
     saved[remat] = (
         remat_lib.saved_residual_bytes(generator_loss, params, images),
         remat_lib.saved_residual_bytes(
-            lambda p, x: jnp.mean(nnx.merge(d_graphdef, p)(x)), d_params, images),
+            lambda p, x, g=d_graphdef: jnp.mean(nnx.merge(g, p)(x)), d_params, images),
         remat_lib.saved_residual_bytes(
-            lambda p, t: nnx.merge(p_graphdef, p, p_rest).loss(t, key=jax.random.key(0))[0],
-            p_params, tokens))
+            lambda p, t, g=p_graphdef, r=p_rest: nnx.merge(g, p, r).loss(
+                t, key=jax.random.key(0))[0], p_params, tokens))
   for network in range(3):
     none, blocks, full = (saved[remat][network] for remat in MODES)
     assert none > blocks > full, (network, none, blocks, full)
