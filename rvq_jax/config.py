@@ -20,6 +20,7 @@ import ml_collections
 
 from rvq_jax import parallel
 from rvq_jax.data import factory as data_factory
+from rvq_jax.models.layers import remat as remat_lib
 from rvq_jax.models.tokenizer import discriminator as disc_lib
 from rvq_jax.models.tokenizer.quantizers import registry as quantizer_registry
 from rvq_jax.ops import diffusion as diffusion_ops
@@ -29,6 +30,7 @@ STAGES = ("tokenizer", "ar", "diffusion")
 PRIOR_STAGES = ("ar", "diffusion")
 CONDITION_KINDS = ("none", "class", "semantic")
 DTYPES = ("float32", "bfloat16")
+REMAT_MODES = remat_lib.REMAT_MODES
 
 
 def loop_settings(**overrides) -> ml_collections.ConfigDict:
@@ -82,6 +84,10 @@ def tokenizer_config() -> ml_collections.ConfigDict:
       representation_head_blocks=3,
       representation_head_heads=8,
       dtype="float32",       # compute dtype; parameters stay float32
+      # Rematerialization of the VQGAN's, FQ adapter's and discriminator's blocks:
+      # none | blocks (keep conv/matmul outputs) | full (keep block inputs only).
+      # One key for G and D: they share the step's memory. See models/layers/remat.py.
+      remat="none",
   ))
   config.quantizer = quantizer_config()
   config.loss = ml_collections.ConfigDict(dict(
@@ -145,8 +151,9 @@ def prior_config(kind: str) -> ml_collections.ConfigDict:
   GPT: 24 layers, 16 heads, width 1024; VQ-Diffusion: T = 100).
   """
   prior = ml_collections.ConfigDict(dict(
+      # remat: none | blocks | full, checkpointing of each transformer block.
       model=dict(width=512, depth=8, num_heads=8, mlp_ratio=4, dropout=0.0,
-                 dtype="float32"),
+                 dtype="float32", remat="none"),
       # Classifier-free guidance needs a learned null condition: drop it this often.
       loss=dict(condition_dropout=0.0),
       # Taming's GPT: AdamW(0.9, 0.95), weight decay 0.01 on kernels only.
@@ -406,6 +413,10 @@ def _validate_loop(stage: ml_collections.ConfigDict, name: str, check) -> None:
   """The keys every stage has: model dtype, train and eval."""
   check(stage.model.dtype in DTYPES, f"{name}.model.dtype={stage.model.dtype!r}: choose from "
         f"{DTYPES}")
+  check(stage.model.remat in REMAT_MODES,
+        f"{name}.model.remat={stage.model.remat!r}: choose from {REMAT_MODES} (none: no "
+        "rematerialization; blocks: each block keeps its conv/matmul outputs and recomputes "
+        "the rest; full: each block keeps its input only)")
   check(stage.train.batch_size > 0 and stage.eval.batch_size > 0,
         f"{name}.train.batch_size and {name}.eval.batch_size must be > 0")
   check(stage.train.num_steps >= 0, f"{name}.train.num_steps must be >= 0")

@@ -68,3 +68,20 @@ def test_command_line_simulates_more_devices_than_exist(tmp_path):
   assert report["num_devices"] == 16 and report["global_batch"] == 16
   assert report["temp_bytes"] > 0 and report["flops"] > 0
   assert jax.device_count() == 8  # This process is untouched.
+
+
+def test_each_remat_and_dtype_setting_compiles_and_the_table_says_what_fits():
+  config = tiny_config()
+  reports = []
+  for remat, dtype in (("none", "float32"), ("full", "bfloat16")):
+    setting = aot_check.with_settings(config, "tokenizer", remat=remat, dtype=dtype)
+    reports += aot_check.check(setting, mesh_shape=(4, 2, 1), batch_size=8, steps=[1])
+  assert [(r.remat, r.dtype) for r in reports] == [("none", "float32"), ("full", "bfloat16")]
+  assert config.tokenizer.model.remat == "none"  # The caller's config is left alone.
+  # Recomputing each block in the backward pass costs FLOPs.
+  assert reports[1].flops > reports[0].flops
+  table = aot_check.memory_table(reports).splitlines()
+  assert "fits v5e (16 GiB)" in table[0] and "fits v5p (95 GiB)" in table[0]
+  assert len(table) == 4 and "| full | bfloat16 |" in table[3] and table[3].endswith("yes | yes |")
+  with pytest.raises(ValueError, match="tokenizer.model.remat='some'"):
+    aot_check.with_settings(config, "tokenizer", remat="some")

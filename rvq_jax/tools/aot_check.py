@@ -5,6 +5,9 @@
       --batch_size=256 --json=aot.json
   python -m rvq_jax.tools.aot_check --config=configs/celebahq.py --mesh=data=8 \\
       --topology=v5e:2x4          # a TPU topology (needs libtpu; no TPU attached)
+  python -m rvq_jax.tools.aot_check --config=configs/celebahq.py --mesh=data=4,fsdp=2 \\
+      --steps=30001 --remat=none,blocks,full --dtype=float32,bfloat16 \\
+      --markdown=memory.md        # one compile per setting, and a table of them
 
 The step is the loop's own (`loop.prepare(...).train_step`: same shardings, same
 donation), lowered with abstract inputs only (ShapeDtypeStructs carrying the shardings
@@ -20,7 +23,15 @@ of the outputs aliased to donated arguments, temporaries; FLOPs from
 target for the real figures.
 
 Every phase the stage compiles is checked: the phases of steps `--steps` (default: the
-first and the last step, e.g. the tokenizer before and after its GAN starts).
+first and the last step, e.g. the tokenizer before and after its GAN starts). `--remat`
+and `--dtype` (comma-separated) compile the step once for each combination of
+`<stage>.model.remat` and `<stage>.model.dtype` (default: the config's), and the
+report ends with a table of per-device temporaries and totals against the HBM of TPU
+v5e (16 GiB) and v5p (95 GiB) chips (`--markdown` writes it to a file). XLA:CPU
+expands the checkpoints' optimization barriers and schedules the recomputation early,
+so on simulated CPU devices remat shows in the FLOPs but hardly in the temporaries;
+`benchmarks/remat_residuals.py` (what JAX saves) and `--topology` (XLA:TPU) show its
+effect (docs/results/memory.md).
 Frozen pretrained networks are random (`weights.random`) unless
 `--norandom_pretrained`: their shapes matter here, not their weights.
 """
@@ -57,6 +68,17 @@ _TOPOLOGY = flags.DEFINE_string(
 _RANDOM_PRETRAINED = flags.DEFINE_bool(
     "random_pretrained", True, "Random frozen networks (no weight files needed).")
 _JSON = flags.DEFINE_string("json", None, "Also write the numbers to this JSON file.")
+_REMAT = flags.DEFINE_list(
+    "remat", None, "Rematerialization settings to compile, e.g. 'none,blocks,full' "
+    "(<stage>.model.remat; default: the config's).")
+_DTYPE = flags.DEFINE_list(
+    "dtype", None, "Compute dtypes to compile, e.g. 'float32,bfloat16' (<stage>.model.dtype; "
+    "default: the config's).")
+_MARKDOWN = flags.DEFINE_string(
+    "markdown", None, "Also write the per-setting memory table (markdown) to this file.")
+
+# HBM per chip of the TPUs the table compares with.
+CHIP_MEMORY_GIB = {"v5e": 16, "v5p": 95}
 flags.mark_flags_as_required(["config"])
 
 
@@ -77,11 +99,14 @@ class StepReport:
   code_bytes: int
   total_bytes: int   # arguments + outputs − aliased + temporaries: the live peak bound
   flops: float       # per device (the partitioned program)
+  remat: str = "none"      # <stage>.model.remat
+  dtype: str = "float32"   # <stage>.model.dtype (compute; parameters stay float32)
 
   def lines(self) -> list[str]:
     per_device = self.global_batch / max(1, self.num_devices)
     return [
-        f"{self.stage} train step, phase {self.phase}: mesh {self.mesh} on {self.num_devices} "
+        f"{self.stage} train step, phase {self.phase}, remat={self.remat}, "
+        f"dtype={self.dtype}: mesh {self.mesh} on {self.num_devices} "
         f"{self.platform} devices, global batch {self.global_batch} ({per_device:g} per device)",
         "  per device: " + " | ".join(
             f"{name} {_gib(value)}" for name, value in (
@@ -97,6 +122,45 @@ def _gib(num_bytes: int) -> str:
   if num_bytes >= 2**30:
     return f"{num_bytes / 2**30:.2f} GiB"
   return f"{num_bytes / 2**20:.1f} MiB"
+
+
+def fits(report: StepReport) -> dict[str, bool]:
+  """Chip → whether the step's per-device total fits its HBM (`CHIP_MEMORY_GIB`)."""
+  return {chip: report.total_bytes <= gib * 2**30 for chip, gib in CHIP_MEMORY_GIB.items()}
+
+
+def memory_table(reports: Sequence[StepReport]) -> str:
+  """A markdown table of per-device memory, one row per compiled step."""
+  chips = list(CHIP_MEMORY_GIB)
+  header = ["devices", "mesh", "global batch", "per device", "phase", "remat", "dtype",
+            "temporaries (GiB)", "total (GiB)", "GFLOPs/device"] + [
+                f"fits {chip} ({CHIP_MEMORY_GIB[chip]} GiB)" for chip in chips]
+  rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for r in reports:
+    mesh = "×".join(f"{name}={size}" for name, size in r.mesh.items() if size > 1) or "1"
+    ok = fits(r)
+    rows.append("| " + " | ".join([
+        str(r.num_devices), mesh, str(r.global_batch), f"{r.global_batch / r.num_devices:g}",
+        r.phase, r.remat, r.dtype, f"{r.temp_bytes / 2**30:.2f}",
+        f"{r.total_bytes / 2**30:.2f}", f"{r.flops / 1e9:,.0f}"] + [
+            "yes" if ok[chip] else "no" for chip in chips]) + " |")
+  return "\n".join(rows)
+
+
+def with_settings(config, stage_name: str, *, remat: str | None = None,
+                  dtype: str | None = None):
+  """A copy of `config` with `<stage>.model.remat` / `.dtype` set (None: unchanged)."""
+  import copy  # pylint: disable=import-outside-toplevel
+
+  from rvq_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  config = copy.deepcopy(config)
+  model = config[stage_name].model
+  if remat is not None:
+    model.remat = remat
+  if dtype is not None:
+    model.dtype = dtype
+  config_lib.validate(config)
+  return config
 
 
 def parse_mesh(spec: str, axes: Sequence[str]) -> tuple[int, ...]:
@@ -222,6 +286,7 @@ def check(config, *, stage_name: str | None = None, mesh_shape: Sequence[int] | 
       reports.append(StepReport(
           stage=stage_name, phase=repr(phase), mesh=dict(mesh.shape), platform=platform,
           num_devices=mesh.devices.size, global_batch=batch_size, flops=compiled_flops(compiled),
+          remat=config[stage_name].model.remat, dtype=config[stage_name].model.dtype,
           **compiled_memory(compiled)))
   return reports
 
@@ -258,14 +323,33 @@ def main(argv) -> int:
   if -1 in mesh_shape and _PLATFORM.value == "cpu" and not _TOPOLOGY.value:
     raise app.UsageError("give --mesh with every size (e.g. --mesh=data=4,fsdp=2) to "
                          "compile for simulated devices; the config's mesh has a -1.")
+  stage_name = _STAGE.value or config.stages[0]
+  settings = [(remat, dtype) for dtype in (_DTYPE.value or [None])
+              for remat in (_REMAT.value or [None])]
+  # Every setting is checked before the first (minutes-long) compile.
+  configs = [with_settings(config, stage_name, remat=remat, dtype=dtype)
+             for remat, dtype in settings]
   devices, platform = _target_devices(math.prod(s for s in mesh_shape if s > 0))
-  reports = check(config, stage_name=_STAGE.value, mesh_shape=mesh_shape,
-                  batch_size=_BATCH.value, steps=[int(s) for s in _STEPS.value or []],
-                  devices=devices, platform=platform)
-  for report in reports:
-    print("\n".join(report.lines()))
-  if _JSON.value:
-    files.write_json(_JSON.value, [dataclasses.asdict(r) for r in reports])
+  reports = []
+  for setting_config in configs:
+    new = check(setting_config, stage_name=stage_name, mesh_shape=mesh_shape,
+                batch_size=_BATCH.value, steps=[int(s) for s in _STEPS.value or []],
+                devices=devices, platform=platform)
+    for report in new:
+      print("\n".join(report.lines()), flush=True)
+    reports.extend(new)
+    # Written after each setting, so a long sweep that is stopped keeps what it did.
+    if _JSON.value:
+      files.write_json(_JSON.value, [dataclasses.asdict(r) for r in reports])
+  table = memory_table(reports)
+  print("\nPer-device memory (fits: total ≤ the chip's HBM):\n" + table)
+  if platform == "simulated cpu" and len({r.remat for r in reports}) > 1:
+    print("Note: XLA:CPU expands remat's optimization barriers and schedules the "
+          "recomputation early, so its temporaries barely change with remat (the FLOPs "
+          "do); compile with --topology for a TPU's figures, or run "
+          "benchmarks/remat_residuals.py for what JAX saves per setting.")
+  if _MARKDOWN.value:
+    files.write_bytes(_MARKDOWN.value, (table + "\n").encode())
   return 0
 
 

@@ -83,8 +83,10 @@ def pcl_over_layers(key: jax.Array, features_x: Mapping[str, jax.Array],
     fx, fy = features_x[name], features_y[name]
     batch, height, width, channels = fx.shape
     locations = sample_locations(layer_key, batch, height, width, num_locations)
+    # The S sampled feature vectors in float32 (bfloat16 VGG features: the loss's
+    # normalizations and log-sum-exps stay float32).
     gather = lambda f: jnp.take_along_axis(f.reshape(batch, -1, f.shape[-1]),
-                                           locations[..., None], axis=1)
+                                           locations[..., None], axis=1).astype(jnp.float32)
     weights = upsample_tokens(token_weights, height, width).reshape(batch, -1)
     weights = jnp.take_along_axis(weights, locations, axis=1)
     weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-12)

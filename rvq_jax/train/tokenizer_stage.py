@@ -20,6 +20,7 @@ from rvq_jax.metrics import fid as fid_lib
 from rvq_jax.metrics import image_quality
 from rvq_jax.metrics import inception as inception_lib
 from rvq_jax.models import pretrained
+from rvq_jax.models.layers import dtypes
 from rvq_jax.models.pretrained import lpips as lpips_lib
 from rvq_jax.models.pretrained import teachers
 from rvq_jax.models.pretrained import vgg
@@ -45,10 +46,13 @@ class TokenizerTrainState(nnx.Module):
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     self.model = build_tokenizer(config, rngs=rngs)
-    loss = config.tokenizer.loss
+    loss, model = config.tokenizer.loss, config.tokenizer.model
+    # The discriminator shares the generator's compute dtype and remat setting: both
+    # run in the same step, on the same activation budget (parameters stay float32).
     self.discriminator = NLayerDiscriminator(
         in_channels=3, ndf=loss.disc_channels, n_layers=loss.disc_layers,
-        norm=loss.disc_norm, init=loss.disc_init, rngs=rngs)
+        norm=loss.disc_norm, init=loss.disc_init,
+        dtype=dtypes.compute_dtype(model.dtype), remat=model.remat, rngs=rngs)
     g_tx, _ = make_optimizer(config.tokenizer.optim, config.tokenizer.optim.learning_rate)
     d_tx, _ = make_optimizer(config.tokenizer.optim, config.tokenizer.optim.disc_learning_rate)
     self.g_optimizer = nnx.Optimizer(self.model, g_tx, wrt=nnx.Param)
@@ -141,12 +145,15 @@ class FrozenNetworks(nnx.Module):
                                or (weights.vgg19 or None))
     teacher = None
     if loss.representation_weight > 0:
+      # The teacher serves the loss only (a stop-gradient target): the compute dtype.
+      teacher_dtype = dtypes.compute_dtype(config.tokenizer.model.dtype)
       if weights.random:
         teacher = teachers.build_teacher(loss.teacher, resolution=loss.teacher_resolution,
-                                         rngs=nnx.Rngs(3))
+                                         dtype=teacher_dtype, rngs=nnx.Rngs(3))
       else:
         teacher = teachers.load_teacher(loss.teacher, weights.teacher or None,
-                                        resolution=loss.teacher_resolution)
+                                        resolution=loss.teacher_resolution,
+                                        dtype=teacher_dtype)
     self.lpips = nnx.data(lpips)
     self.vgg19 = nnx.data(vgg19)
     self.teacher = nnx.data(teacher)
@@ -167,6 +174,9 @@ class TokenizerStage:
     optim = config.tokenizer.optim
     _, self.lr_schedule = make_optimizer(optim, optim.learning_rate)
     self.num_codes = config.tokenizer.quantizer.num_codes
+    # The losses' VGG passes run in the model's compute dtype (their normalizations,
+    # distances and sums in float32); evaluation metrics keep float32.
+    self.compute_dtype = dtypes.compute_dtype(config.tokenizer.model.dtype)
 
   # ------------------------------------------------------------------ loop protocol
 
@@ -212,16 +222,19 @@ class TokenizerStage:
     if loss_config.perceptual_weight > 0 or (use_pcl and loss_config.pcl_network == "vgg16"):
       # One VGG16 pass over inputs and reconstructions feeds both LPIPS and PCL.
       batch = images.shape[0]
-      both = frozen.lpips.features(jnp.concatenate([images, reconstructions]),
-                                   layers=vgg.PERCEPTUAL_LAYERS)
+      both = frozen.lpips.features(
+          jnp.concatenate([images.astype(reconstructions.dtype), reconstructions]),
+          layers=vgg.PERCEPTUAL_LAYERS, dtype=self.compute_dtype)
       features_x = {name: jax.lax.stop_gradient(f[:batch]) for name, f in both.items()}
       features_y = {name: f[batch:] for name, f in both.items()}
     if loss_config.perceptual_weight > 0:
       terms["lpips"] = jnp.mean(frozen.lpips.distance_from_features(features_x, features_y))
     if use_pcl:
       if loss_config.pcl_network == "vgg19":
-        features_x = jax.lax.stop_gradient(frozen.vgg19(images, layers=vgg.PERCEPTUAL_LAYERS))
-        features_y = frozen.vgg19(reconstructions, layers=vgg.PERCEPTUAL_LAYERS)
+        features_x = jax.lax.stop_gradient(frozen.vgg19(images, layers=vgg.PERCEPTUAL_LAYERS,
+                                                        dtype=self.compute_dtype))
+        features_y = frozen.vgg19(reconstructions, layers=vgg.PERCEPTUAL_LAYERS,
+                                  dtype=self.compute_dtype)
       # 'uniform' is the paper's "+CL" ablation rung: every perturbed token weighs the
       # same (renormalized per image at the sampled locations, like the PCL weights).
       token_weights = (quantizer_aux["pcl_weights"]
@@ -360,8 +373,11 @@ class TokenizerStage:
         nll_kernel_grad, gan_kernel_grad,
         disc_weight=loss_config.disc_weight) * loss_config.disc_factor
 
-    (grads,) = generator_vjp((rec_cotangent + gan_weight * gan_cotangent,
-                              jnp.zeros_like(last_input), one))
+    # The cotangent in the reconstructions' dtype (bfloat16 compute: the float32 weight
+    # would promote it).
+    reconstruction_cotangent = (rec_cotangent + gan_weight * gan_cotangent).astype(
+        reconstructions.dtype)
+    (grads,) = generator_vjp((reconstruction_cotangent, jnp.zeros_like(last_input), one))
     rec_total = nll + extra + code_total
     return (grads, gan_weight, gan, rec_total, {**image_terms, **code_terms}, stats,
             reconstructions, new_rest)

@@ -24,6 +24,10 @@ Dropout is applied functionally from `rngs.dropout()` at call time (attention we
 both residual branches), so modules hold no RNG state and their parameter tree is only
 the layers listed here.
 
+Rematerialization: `remat` ('none' | 'blocks' | 'full', `rvq_jax.models.layers.remat`)
+checkpoints each TransformerBlock on its own in calls without a cache (training); calls
+with a KV cache (sampling, no gradients) run it plainly.
+
 Logical axis names (as `rvq_jax.models.tokenizer.vqgan`): q/k/v ('embed', 'heads', 'kv'), attention
 output ('heads', 'kv', 'embed'), MLP ('embed', 'mlp') / ('mlp', 'embed'), norms ('norm',),
 AdaLN modulation kernel ('embed', None, 'embed') [W_cond, 6, W] (the second 'embed' is
@@ -38,6 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rvq_jax.models.layers import partitioning
+from rvq_jax.models.layers import remat as remat_lib
 from rvq_jax.models.layers.dtypes import Dtype
 
 # PyTorch nn.LayerNorm's default, which FQGAN's (OpenCLIP-style) ViT blocks use.
@@ -218,7 +223,7 @@ class TransformerBlock(nnx.Module):
   def __init__(self, width: int, num_heads: int, *, mlp_ratio: int = 4,
                causal: bool = False, adaptive_norm_width: int | None = None,
                dropout: float = 0.0, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, remat: str = "none", rngs: nnx.Rngs):
     if not isinstance(mlp_ratio, int) or mlp_ratio < 1:
       raise ValueError(f"mlp_ratio must be a positive int, got {mlp_ratio!r}.")
     if adaptive_norm_width is not None and (
@@ -226,6 +231,7 @@ class TransformerBlock(nnx.Module):
       raise ValueError(
           f"adaptive_norm_width must be None or a positive int, got {adaptive_norm_width!r}.")
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.remat = remat_lib.check_mode(remat)
     self.adaptive = adaptive_norm_width is not None
     self.dropout = dropout
     affine = not self.adaptive
@@ -250,6 +256,20 @@ class TransformerBlock(nnx.Module):
     if self.adaptive != (conditioning is not None):
       raise ValueError("conditioning must be given exactly when adaptive_norm_width is set "
                        f"(adaptive={self.adaptive}).")
+    if cache is None and self.remat != "none":
+      # Arrays (and the Rngs) are the checkpointed function's arguments; the Python flag
+      # is closed over.
+      def forward(block, x, conditioning, mask, rngs):
+        return block.forward(x, conditioning=conditioning, mask=mask,
+                             deterministic=deterministic, rngs=rngs)
+      return remat_lib.call(self.remat, forward, self, x, conditioning, mask, rngs)
+    return self.forward(x, conditioning=conditioning, mask=mask, cache=cache,
+                        deterministic=deterministic, rngs=rngs)
+
+  def forward(self, x: jax.Array, *, conditioning: jax.Array | None = None,
+              mask: jax.Array | None = None, cache: KVCache | None = None,
+              deterministic: bool = True, rngs: nnx.Rngs | None = None):
+    """`__call__` without rematerialization."""
     drop = dict(deterministic=deterministic, rngs=rngs)
     if self.adaptive:
       mod = self.modulation(jax.nn.silu(conditioning.astype(x.dtype)))  # [B, 6, C]
@@ -282,7 +302,7 @@ class Transformer(nnx.Module):
   def __init__(self, width: int, depth: int, num_heads: int, *, mlp_ratio: int = 4,
                causal: bool = False, adaptive_norm_width: int | None = None,
                dropout: float = 0.0, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, remat: str = "none", rngs: nnx.Rngs):
     for name, value in (("width", width), ("depth", depth), ("num_heads", num_heads)):
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}.")
@@ -292,7 +312,8 @@ class Transformer(nnx.Module):
     self.adaptive = adaptive_norm_width is not None
     self.blocks = nnx.List([
         TransformerBlock(width, num_heads, mlp_ratio=mlp_ratio, causal=causal,
-                         adaptive_norm_width=adaptive_norm_width, dropout=dropout, **kw)
+                         adaptive_norm_width=adaptive_norm_width, dropout=dropout,
+                         remat=remat, **kw)
         for _ in range(depth)])
     self.ln_f = layer_norm(width, affine=not self.adaptive, **kw)
     if self.adaptive:

@@ -152,8 +152,8 @@ class LPIPS(nnx.Module):
     )
     self.lins = nnx.List([LinearHead(channels, rngs=rngs) for channels in LPIPS_CHANNELS])
 
-  def features(self, images: jax.Array,
-               layers: Sequence[str] | None = None) -> dict[str, jax.Array]:
+  def features(self, images: jax.Array, layers: Sequence[str] | None = None, *,
+               dtype=None) -> dict[str, jax.Array]:
     """ImageNet VGG16 activations of [-1, 1] images, through LPIPS's scaling layer.
 
     The scaling layer is ImageNet's mean/std normalization written for [-1, 1] inputs,
@@ -163,11 +163,12 @@ class LPIPS(nnx.Module):
     Args:
       images: [B, H, W, 3] RGB in [-1, 1].
       layers: `relu{b}_{c}` names (default: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3).
+      dtype: the VGG's computation dtype for this call (default: the module's).
 
     Returns:
       {name: [B, H_l, W_l, C_l]} (see `vgg.VGG.__call__`).
     """
-    return self.net(scale_input(images), layers=layers)
+    return self.net(scale_input(images), layers=layers, dtype=dtype)
 
   def __call__(self, images_a: jax.Array, images_b: jax.Array) -> jax.Array:
     """Perceptual distance between two batches of images.

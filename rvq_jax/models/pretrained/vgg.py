@@ -177,7 +177,7 @@ class VGG(nnx.Module):
     return layers
 
   def __call__(
-      self, images: jax.Array, *, layers: Sequence[str] | None = None
+      self, images: jax.Array, *, layers: Sequence[str] | None = None, dtype=None
   ) -> dict[str, jax.Array]:
     """Named ReLU activations of `images`.
 
@@ -188,6 +188,9 @@ class VGG(nnx.Module):
         `normalize_input=False`). H and W must be at least 2^(b−1) for a layer of
         block b.
       layers: names to return; defaults to `self.layers`.
+      dtype: computation dtype of this call (default: the module's `dtype`), e.g. the
+        bfloat16 of a training loss while evaluation metrics run the same weights in
+        float32.
 
     Returns:
       {name: [B, H / 2^(b−1), W / 2^(b−1), C_b]} in the computation dtype, C_b = 64,
@@ -204,8 +207,9 @@ class VGG(nnx.Module):
           f"{deepest} needs images of at least {min_size}×{min_size} pixels, got "
           f"{images.shape[1]}×{images.shape[2]}."
       )
+    dtype = self.dtype if dtype is None else dtype
     x = normalize_imagenet(images) if self.normalize_input else images
-    x = x.astype(self.dtype)
+    x = x.astype(dtype)
     outputs = {}
     for block, num_convs in enumerate(self.block_convs, start=1):
       if block > 1:
@@ -214,7 +218,7 @@ class VGG(nnx.Module):
         x = max_pool_2x2(x)
       for conv in range(1, num_convs + 1):
         layer = self.features[str(self._layer_indices[f"conv{block}_{conv}"])]
-        x = jax.nn.relu(layer(x, dtype=self.dtype, precision=self.precision))
+        x = jax.nn.relu(layer(x, dtype=dtype, precision=self.precision))
         name = f"relu{block}_{conv}"
         outputs[name] = x
         if name == deepest:

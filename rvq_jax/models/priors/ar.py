@@ -63,7 +63,8 @@ class ARPrior(Prior):
                grid_size: tuple[int, int], condition: str = "none", num_classes: int = 0,
                width: int = 512, depth: int = 12, num_heads: int = 8, mlp_ratio: int = 4,
                dropout: float = 0.0, subtoken_depth: int = 1, dtype: Any = "float32",
-               condition_dropout: float = 0.0, pkeep: float = 1.0, rngs: nnx.Rngs):
+               remat: str = "none", condition_dropout: float = 0.0, pkeep: float = 1.0,
+               rngs: nnx.Rngs):
     # Sizes, heads and dropout are checked by TokenLayout and the Transformer.
     if vocab_size < 2:
       raise ValueError(f"vocab_size must be >= 2, got {vocab_size}.")
@@ -81,7 +82,7 @@ class ARPrior(Prior):
         init(rngs.params(), (self.prefix_length + self.length - 1, width)),
         "position", "embed")
     self.trunk = Transformer(width, depth, num_heads, mlp_ratio=mlp_ratio, causal=True,
-                             dropout=dropout, **kw)
+                             dropout=dropout, remat=remat, **kw)
     if num_subtokens == 1:
       # GPT's N(0, 0.02) output init: the initial loss is about log K.
       self.head = nnx.Linear(width, vocab_size, kernel_init=init,
@@ -93,7 +94,7 @@ class ARPrior(Prior):
                                           None, "vocab", "embed")
       self.sub_pos = partitioning.param(init(rngs.params(), (m, width)), "position", "embed")
       self.sub_trunk = Transformer(width, subtoken_depth, num_heads, mlp_ratio=mlp_ratio,
-                                   causal=True, dropout=dropout, **kw)
+                                   causal=True, dropout=dropout, remat=remat, **kw)
       self.sub_head = nnx.LinearGeneral(
           width, (m, vocab_size), kernel_init=init,
           kernel_metadata=partitioning.logical("embed", None, "vocab"),

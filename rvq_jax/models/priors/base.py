@@ -60,6 +60,8 @@ class Prior(TokenSequenceModel, nnx.Module):
         grid_size=layout.grid_size, condition=condition, num_classes=num_classes,
         width=model["width"], depth=model["depth"], num_heads=model["num_heads"],
         mlp_ratio=model["mlp_ratio"], dropout=model["dropout"], dtype=model["dtype"],
+        # Exports written before the option existed have no 'remat': 'none'.
+        remat=model["remat"] if "remat" in model else "none",
         condition_dropout=loss["condition_dropout"],
         **{name: model[name] for name in cls.MODEL_OPTIONS},
         **{name: loss[name] for name in cls.LOSS_OPTIONS}, rngs=rngs)

@@ -86,7 +86,8 @@ class DiffusionPrior(Prior):
                num_timesteps: int = 100, width: int = 512, depth: int = 12,
                num_heads: int = 8, mlp_ratio: int = 4, dropout: float = 0.0,
                aux_weight: float = 5e-4, adaptive_aux_weight: bool = True,
-               dtype: Any = "float32", condition_dropout: float = 0.0, rngs: nnx.Rngs):
+               dtype: Any = "float32", remat: str = "none", condition_dropout: float = 0.0,
+               rngs: nnx.Rngs):
     # Sizes, heads and dropout are checked by TokenLayout and the Transformer.
     if not isinstance(num_timesteps, int) or num_timesteps < 2:
       raise ValueError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}.")
@@ -110,7 +111,7 @@ class DiffusionPrior(Prior):
                                 kernel_metadata=partitioning.logical("mlp", "embed"),
                                 bias_metadata=partitioning.logical("embed"), **kw)
     self.trunk = Transformer(width, depth, num_heads, mlp_ratio=mlp_ratio,
-                             adaptive_norm_width=width, dropout=dropout, **kw)
+                             adaptive_norm_width=width, dropout=dropout, remat=remat, **kw)
     self.head = nnx.LinearGeneral(
         width, (num_subtokens, vocab_size), kernel_init=init,
         kernel_metadata=partitioning.logical("embed", None, "vocab"),

@@ -39,6 +39,11 @@ Initialization (`init`):
       U(±1/√fan_in), which `weights_init` does not touch. taming only has BatchNorm (or
       ActNorm); with norm='group' the GroupNorm gets the same N(1, 0.02) scales.
 Logical axis names as in `rvq_jax.models.tokenizer.vqgan` (conv names and 'norm').
+
+Dtypes and rematerialization as the VQGAN's: parameters in `param_dtype` (float32),
+convolutions in `dtype` (e.g. bfloat16), normalization statistics in float32; `remat`
+('none' | 'blocks' | 'full', `rvq_jax.models.layers.remat`) checkpoints each
+conv → (norm →) LeakyReLU layer on its own.
 """
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rvq_jax.models.layers import partitioning
+from rvq_jax.models.layers import remat as remat_lib
 from rvq_jax.models.layers.dtypes import Dtype
 from rvq_jax.models.tokenizer import vqgan
 
@@ -116,8 +122,9 @@ class _ConvNormBlock(nnx.Module):
 
   def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str, *,
                num_groups: int, axis_name: str | None, dtype: Dtype, param_dtype: Dtype,
-               rngs: nnx.Rngs):
+               remat: str = "none", rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.remat = remat_lib.check_mode(remat)
     self.conv = vqgan.conv(in_channels, out_channels, 4, stride=stride, padding=1,
                            use_bias=norm == "none", **kw)
     if norm == "group":
@@ -130,6 +137,10 @@ class _ConvNormBlock(nnx.Module):
       self.norm = None
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    return remat_lib.call(self.remat, _ConvNormBlock.forward, self, x)
+
+  def forward(self, x: jax.Array) -> jax.Array:
+    """`__call__` without rematerialization."""
     h = self.conv(x)
     if self.norm is not None:
       h = self.norm(h)
@@ -150,7 +161,7 @@ class NLayerDiscriminator(nnx.Module):
                norm: str = "group", init: str = "default",
                num_groups: int = vqgan.NORM_GROUPS, axis_name: str | None = None,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               remat: str = "none", rngs: nnx.Rngs):
     if norm not in DISCRIMINATOR_NORMS:
       raise ValueError(f"norm must be one of {DISCRIMINATOR_NORMS}, got {norm!r}.")
     if init not in DISCRIMINATOR_INITS:
@@ -167,10 +178,11 @@ class NLayerDiscriminator(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.n_layers = n_layers
     self.norm = norm
+    self.remat = remat_lib.check_mode(remat)
     self.conv_in = vqgan.conv(in_channels, ndf, 4, stride=2, padding=1, **kw)
     self.blocks = nnx.List([
         _ConvNormBlock(widths[n - 1], widths[n], 2 if n < n_layers else 1, norm,
-                       num_groups=num_groups, axis_name=axis_name, **kw)
+                       num_groups=num_groups, axis_name=axis_name, remat=remat, **kw)
         for n in range(1, n_layers + 1)])
     self.conv_out = vqgan.conv(widths[-1], 1, 4, stride=1, padding=1, **kw)
     if init == "taming":
@@ -184,10 +196,15 @@ class NLayerDiscriminator(nnx.Module):
            patch_grid_size(x.shape[2], self.n_layers)) < 1:
       raise ValueError(f"input {x.shape[1]}×{x.shape[2]} is too small for a "
                        f"{self.n_layers}-layer PatchGAN (no output patch is left).")
-    h = jax.nn.leaky_relu(self.conv_in(x), LEAKY_RELU_SLOPE)
+    h = remat_lib.call(self.remat, _first_layer, self.conv_in, x)
     for block in self.blocks:
       h = block(h)
     return self.conv_out(h)
+
+
+def _first_layer(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+  """conv4×4 s2 → LeakyReLU(0.2), the layer before the normalized ones."""
+  return jax.nn.leaky_relu(conv(x), LEAKY_RELU_SLOPE)
 
 
 def _taming_init(module: nnx.Module, rngs: nnx.Rngs) -> None:

@@ -39,7 +39,7 @@ class FactorizedAdapter(nnx.Module):
   def __init__(self, width: int, z_channels: int, grid_size: int, *, depth: int = 6,
                num_heads: int = 8, mlp_ratio: int = 4, num_groups: int = vqgan.NORM_GROUPS,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               remat: str = "none", rngs: nnx.Rngs):
     for name, value in (("width", width), ("z_channels", z_channels),
                         ("grid_size", grid_size), ("depth", depth),
                         ("num_heads", num_heads), ("mlp_ratio", mlp_ratio)):
@@ -56,7 +56,8 @@ class FactorizedAdapter(nnx.Module):
         0.02 * jax.random.normal(rngs.params(), (grid_size * grid_size, width), param_dtype),
         "position", "embed")
     self.ln_pre = layer_norm(width, **kw)
-    self.blocks = nnx.List([TransformerBlock(width, num_heads, mlp_ratio=mlp_ratio, **kw)
+    self.blocks = nnx.List([TransformerBlock(width, num_heads, mlp_ratio=mlp_ratio,
+                                             remat=remat, **kw)
                             for _ in range(depth)])
     self.ln_post = layer_norm(width, **kw)
     self.norm_out = vqgan.group_norm(width, num_groups=num_groups, **kw)
@@ -93,19 +94,20 @@ class FactorizedEncoder(vqgan.EncoderTrunk):
                z_channels: int = 256, dropout: float = 0.0, adapter_depth: int = 6,
                adapter_heads: int = 8, adapter_mlp_ratio: int = 4,
                num_groups: int = vqgan.NORM_GROUPS, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, remat: str = "none", rngs: nnx.Rngs):
     if not isinstance(num_branches, int) or num_branches < 1:
       raise ValueError(f"num_branches must be a positive int, got {num_branches!r}.")
     super().__init__(in_channels=in_channels, ch=ch, ch_mult=ch_mult,
                      num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
                      resolution=resolution, z_channels=z_channels, dropout=dropout,
-                     num_groups=num_groups, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                     num_groups=num_groups, dtype=dtype, param_dtype=param_dtype,
+                     remat=remat, rngs=rngs)
     self.num_branches = num_branches
     self.adapters = nnx.List([
         FactorizedAdapter(self.trunk_channels, z_channels, self.latent_resolution,
                           depth=adapter_depth, num_heads=adapter_heads,
                           mlp_ratio=adapter_mlp_ratio, num_groups=num_groups, dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs)
+                          param_dtype=param_dtype, remat=remat, rngs=rngs)
         for _ in range(num_branches)])
 
   def __call__(self, x: jax.Array) -> list[jax.Array]:

@@ -50,7 +50,7 @@ class FeaturePredictionHead(nnx.Module):
   def __init__(self, code_dim: int, width: int, *, num_blocks: int = 3, num_heads: int = 8,
                mlp_ratio: int = 4, grid_size: int, target_dim: int | None = None,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               remat: str = "none", rngs: nnx.Rngs):
     """Builds the head with random weights.
 
     Args:
@@ -65,6 +65,8 @@ class FeaturePredictionHead(nnx.Module):
       dtype: computation dtype (e.g. bfloat16); LayerNorm statistics and softmaxes stay
         float32 (see `factorized_adapter`).
       param_dtype: storage dtype of the parameters.
+      remat: 'none' | 'blocks' | 'full', checkpointing of each block
+        (`rvq_jax.models.layers.remat`).
       rngs: for the initialization.
     """
     for name, value in (("code_dim", code_dim), ("width", width),
@@ -97,7 +99,8 @@ class FeaturePredictionHead(nnx.Module):
                                   param_dtype),
         "position", "embed")
     self.ln_pre = layer_norm(width, **kw)
-    self.blocks = nnx.List([TransformerBlock(width, num_heads, mlp_ratio=mlp_ratio, **kw)
+    self.blocks = nnx.List([TransformerBlock(width, num_heads, mlp_ratio=mlp_ratio,
+                                             remat=remat, **kw)
                             for _ in range(num_blocks)])
     self.ln_post = layer_norm(width, **kw)
     self.output_dim = width if target_dim is None else target_dim

@@ -28,7 +28,8 @@ class Tokenizer(nnx.Module):
   its own `quant_conv`; the decoder sees the concatenated sub-codes.
 
   Args:
-    model: `tokenizer.model` (VQGAN widths and depths, FQ adapter and head sizes, dtype).
+    model: `tokenizer.model` (VQGAN widths and depths, FQ adapter and head sizes, dtype,
+      remat).
     quantizer: `tokenizer.quantizer` (kind, num_codes, code_dim, the kind's options).
     image_size: the side of the square images it is built for (attention resolutions).
     representation_head: build FQGAN's representation head (factorized kinds only).
@@ -38,6 +39,8 @@ class Tokenizer(nnx.Module):
                image_size: int, representation_head: bool = False, rngs: nnx.Rngs):
     spec = registry.get(quantizer["kind"])
     dtype = dtypes.compute_dtype(model["dtype"])
+    # Exports written before the option existed have no 'remat': 'none'.
+    remat = model["remat"] if "remat" in model else "none"
     self.factorized = spec.factorized
     # Tokens: K codes (per sub-codebook), M per position, on an h×w grid.
     self.vocab_size = int(quantizer["num_codes"])
@@ -48,7 +51,7 @@ class Tokenizer(nnx.Module):
                         num_res_blocks=model["num_res_blocks"],
                         attn_resolutions=tuple(model["attn_resolutions"]),
                         resolution=image_size, z_channels=model["z_channels"],
-                        dropout=model["dropout"], dtype=dtype, rngs=rngs)
+                        dropout=model["dropout"], dtype=dtype, remat=remat, rngs=rngs)
     quantizer_in = spec.input_width(model["z_channels"], quantizer["code_dim"])
     self.quantizer = registry.build_quantizer(quantizer, in_features=quantizer_in, rngs=rngs)
     if self.factorized:
@@ -73,7 +76,7 @@ class Tokenizer(nnx.Module):
         quantizer["code_dim"], model["representation_head_width"],
         num_blocks=model["representation_head_blocks"],
         num_heads=model["representation_head_heads"], grid_size=self.grid_size,
-        target_dim=TEACHER_FEATURE_DIM, dtype=dtype, rngs=rngs)
+        target_dim=TEACHER_FEATURE_DIM, dtype=dtype, remat=remat, rngs=rngs)
         if representation_head else None)
 
   def quantizer_input(self, images: jax.Array) -> jax.Array | list[jax.Array]:

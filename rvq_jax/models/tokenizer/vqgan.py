@@ -24,6 +24,10 @@ Dtypes: parameters are stored in `param_dtype` (float32 by default) and every la
 computes in `dtype` (e.g. bfloat16). Normalization statistics and attention softmaxes are
 always computed in float32.
 
+Rematerialization: `remat` ('none' | 'blocks' | 'full', see
+`rvq_jax.models.layers.remat`) checkpoints every ResnetBlock, AttnBlock, Upsample and
+Downsample on its own, so the backward pass keeps (a part of) each block's input only.
+
 Logical axis names on parameters (metadata `out_sharding`, see
 `rvq_jax.models.layers.partitioning`; the FQ adapter in `factorized_adapter.py` and the
 discriminator use the same names):
@@ -46,6 +50,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rvq_jax.models.layers import partitioning
+from rvq_jax.models.layers import remat as remat_lib
 from rvq_jax.models.layers.dtypes import Dtype
 from rvq_jax.models.layers.partitioning import CONV_BIAS_AXES
 from rvq_jax.models.layers.partitioning import CONV_KERNEL_AXES
@@ -102,11 +107,12 @@ class ResnetBlock(nnx.Module):
   def __init__(self, in_channels: int, out_channels: int | None = None, *,
                dropout: float = 0.0, num_groups: int = NORM_GROUPS,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               remat: str = "none", rngs: nnx.Rngs):
     out_channels = in_channels if out_channels is None else out_channels
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.remat = remat_lib.check_mode(remat)
     self.in_channels = in_channels
     self.out_channels = out_channels
     self.norm1 = group_norm(in_channels, num_groups=num_groups, **kw)
@@ -121,6 +127,10 @@ class ResnetBlock(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, C_in] → [B, H, W, C_out]."""
+    return remat_lib.call(self.remat, ResnetBlock.forward, self, x)
+
+  def forward(self, x: jax.Array) -> jax.Array:
+    """`__call__` without rematerialization."""
     h = self.conv1(swish(self.norm1(x)))
     h = swish(self.norm2(h))
     if self.dropout is not None:
@@ -138,8 +148,9 @@ class AttnBlock(nnx.Module):
 
   def __init__(self, channels: int, *, num_groups: int = NORM_GROUPS,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               remat: str = "none", rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.remat = remat_lib.check_mode(remat)
     self.channels = channels
     self.dtype = dtype
     self.norm = group_norm(channels, num_groups=num_groups, **kw)
@@ -150,6 +161,10 @@ class AttnBlock(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, C] → [B, H, W, C]."""
+    return remat_lib.call(self.remat, AttnBlock.forward, self, x)
+
+  def forward(self, x: jax.Array) -> jax.Array:
+    """`__call__` without rematerialization."""
     batch, height, width, channels = x.shape
     h = self.norm(x)
     q = self.q(h).reshape(batch, height * width, channels)
@@ -171,12 +186,17 @@ class Downsample(nnx.Module):
   """
 
   def __init__(self, channels: int, *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, remat: str = "none", rngs: nnx.Rngs):
+    self.remat = remat_lib.check_mode(remat)
     self.conv = conv(channels, channels, 3, stride=2, padding=((0, 1), (0, 1)),
                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, C] → [B, H//2, W//2, C] (for even H, W)."""
+    return remat_lib.call(self.remat, Downsample.forward, self, x)
+
+  def forward(self, x: jax.Array) -> jax.Array:
+    """`__call__` without rematerialization."""
     return self.conv(x)
 
 
@@ -184,12 +204,18 @@ class Upsample(nnx.Module):
   """Doubles H and W: nearest-neighbour ×2, then conv3×3."""
 
   def __init__(self, channels: int, *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, remat: str = "none", rngs: nnx.Rngs):
+    self.remat = remat_lib.check_mode(remat)
     self.conv = conv(channels, channels, 3, padding=1, dtype=dtype,
                      param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, C] → [B, 2H, 2W, C]."""
+    # Checkpointed, only the half-size input is kept, not the repeated map the conv reads.
+    return remat_lib.call(self.remat, Upsample.forward, self, x)
+
+  def forward(self, x: jax.Array) -> jax.Array:
+    """`__call__` without rematerialization."""
     # Nearest ×2 is exactly a repeat; cheaper and exact versus a generic resize.
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     return self.conv(x)
@@ -200,8 +226,9 @@ class MidBlock(nnx.Module):
 
   def __init__(self, channels: int, *, dropout: float = 0.0, num_groups: int = NORM_GROUPS,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs):
-    kw = dict(num_groups=num_groups, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+               remat: str = "none", rngs: nnx.Rngs):
+    kw = dict(num_groups=num_groups, dtype=dtype, param_dtype=param_dtype, remat=remat,
+              rngs=rngs)
     self.block_1 = ResnetBlock(channels, channels, dropout=dropout, **kw)
     self.attn_1 = AttnBlock(channels, **kw)
     self.block_2 = ResnetBlock(channels, channels, dropout=dropout, **kw)
@@ -275,7 +302,7 @@ class EncoderTrunk(nnx.Module):
                attn_resolutions: Sequence[int] = (16,), resolution: int = 256,
                z_channels: int = 256, dropout: float = 0.0,
                num_groups: int = NORM_GROUPS, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, remat: str = "none", rngs: nnx.Rngs):
     ch_mult = tuple(ch_mult)
     attn_resolutions = tuple(attn_resolutions)
     validate_autoencoder_config(
@@ -290,7 +317,7 @@ class EncoderTrunk(nnx.Module):
     self.latent_resolution = resolution // self.downsampling_factor
     self.trunk_channels = ch * ch_mult[-1]
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    block_kw = dict(dropout=dropout, num_groups=num_groups, **kw)
+    block_kw = dict(dropout=dropout, num_groups=num_groups, remat=remat, **kw)
 
     self.conv_in = conv(in_channels, ch, 3, padding=1, **kw)
     levels = []
@@ -301,10 +328,10 @@ class EncoderTrunk(nnx.Module):
         blocks.append(ResnetBlock(channels, ch * mult, **block_kw))
         channels = ch * mult
         if current_resolution in attn_resolutions:
-          attns.append(AttnBlock(channels, num_groups=num_groups, **kw))
+          attns.append(AttnBlock(channels, num_groups=num_groups, remat=remat, **kw))
       downsample = None
       if i != len(ch_mult) - 1:
-        downsample = Downsample(channels, **kw)
+        downsample = Downsample(channels, remat=remat, **kw)
         current_resolution //= 2
       levels.append(_Level(blocks, attns, downsample, "downsample"))
     self.down = nnx.List(levels)
@@ -345,11 +372,12 @@ class Encoder(EncoderTrunk):
                attn_resolutions: Sequence[int] = (16,), resolution: int = 256,
                z_channels: int = 256, dropout: float = 0.0,
                num_groups: int = NORM_GROUPS, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, remat: str = "none", rngs: nnx.Rngs):
     super().__init__(in_channels=in_channels, ch=ch, ch_mult=ch_mult,
                      num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
                      resolution=resolution, z_channels=z_channels, dropout=dropout,
-                     num_groups=num_groups, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                     num_groups=num_groups, dtype=dtype, param_dtype=param_dtype,
+                     remat=remat, rngs=rngs)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm_out = group_norm(self.trunk_channels, num_groups=num_groups, **kw)
     self.conv_out = conv(self.trunk_channels, z_channels, 3, padding=1, **kw)
@@ -372,7 +400,7 @@ class Decoder(nnx.Module):
                attn_resolutions: Sequence[int] = (16,), resolution: int = 256,
                z_channels: int = 256, dropout: float = 0.0,
                num_groups: int = NORM_GROUPS, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, remat: str = "none", rngs: nnx.Rngs):
     ch_mult = tuple(ch_mult)
     attn_resolutions = tuple(attn_resolutions)
     validate_autoencoder_config(
@@ -386,7 +414,7 @@ class Decoder(nnx.Module):
     self.upsampling_factor = 2 ** (len(ch_mult) - 1)
     self.latent_resolution = resolution // self.upsampling_factor
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    block_kw = dict(dropout=dropout, num_groups=num_groups, **kw)
+    block_kw = dict(dropout=dropout, num_groups=num_groups, remat=remat, **kw)
 
     channels = ch * ch_mult[-1]
     current_resolution = self.latent_resolution
@@ -399,10 +427,10 @@ class Decoder(nnx.Module):
         blocks.append(ResnetBlock(channels, ch * ch_mult[i], **block_kw))
         channels = ch * ch_mult[i]
         if current_resolution in attn_resolutions:
-          attns.append(AttnBlock(channels, num_groups=num_groups, **kw))
+          attns.append(AttnBlock(channels, num_groups=num_groups, remat=remat, **kw))
       upsample = None
       if i != 0:
-        upsample = Upsample(channels, **kw)
+        upsample = Upsample(channels, remat=remat, **kw)
         current_resolution *= 2
       levels_deepest_first.append(_Level(blocks, attns, upsample, "upsample"))
     # Stored by level index like taming (up[0] is the full-resolution level, run last).

@@ -34,10 +34,14 @@ class TokenLogits(nnx.Module):
           bias_metadata=partitioning.logical("vocab"))
 
   def __call__(self, z: jax.Array, codebook: jax.Array) -> jax.Array:
-    """z: [B, ..., C], codebook: [K, D] → logits [B, ..., K] (in z's dtype)."""
+    """z: [B, ..., C], codebook: [K, D] → logits [B, ..., K].
+
+    Float32 for a bfloat16 `z` too: the projection promotes to its float32 kernel, and
+    distances stay in float32 (rounding them to bfloat16 would tie near codes).
+    """
     if self.kind == "projection":
       return self.projection(z)
-    return (-ops.code_distances(z, codebook)).astype(z.dtype)
+    return -ops.code_distances(z, codebook)
 
   def without_bias(self, z: jax.Array, codebook: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """(ℓ − b, b): the logits before the projection's bias [K], and the bias (None for
