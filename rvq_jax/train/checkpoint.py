@@ -196,6 +196,7 @@ class Checkpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("rvq_jax:moved_damaged_checkpoints")
     self._manager.reload()
+
   def differences(self, step: int, abstract_state: Any) -> list[str]:
     """How the arrays saved at `step` differ from `abstract_state`: keys on one side
     only and shapes, each naming the parameter ([] when they fit). Reads only the
@@ -203,7 +204,8 @@ class Checkpointer:
     try:
       handler = ocp.StandardCheckpointHandler()
       try:
-        saved = handler.metadata(epath.Path(self.directory) / str(step) / "state")
+        # The manager's own directory: the path its arrays were written through.
+        saved = handler.metadata(epath.Path(self._manager.directory) / str(step) / "state")
       finally:
         handler.close()
       saved = _flat(getattr(saved, "tree", saved))
