@@ -81,10 +81,11 @@ def diffusion_step_counts(args) -> list[int]:
   return sorted(steps, reverse=True)
 
 
-def build_samplers(args) -> dict:
+def build_samplers(args, blocking: bool = True) -> dict:
   """({name: zero-argument function drawing one batch of tokens, blocking until done},
   {'ar' | 'diffusion': parameter count}). `args.samplers` (comma list; empty: all)
-  picks which; a prior no sampler uses is not built."""
+  picks which; a prior no sampler uses is not built. `blocking=False`: the functions
+  return the tokens without waiting (traceable, e.g. under `jax.eval_shape`)."""
   names = ["ar cache", "ar recompute"] + [f"diffusion {steps} steps"
                                           for steps in diffusion_step_counts(args)]
   wanted = [n.strip() for n in (getattr(args, "samplers", "") or "").split(",") if n.strip()]
@@ -108,6 +109,8 @@ def build_samplers(args) -> dict:
     for steps in diffusion_step_counts(args):
       samplers[f"diffusion {steps} steps"] = (
           lambda steps=steps: diffusion.sample(key, num_samples=args.batch, num_steps=steps))
+  if not blocking:
+    return {name: samplers[name] for name in names}, parameters
   return {name: (lambda fn=samplers[name]: jax.block_until_ready(fn())) for name in names
           }, parameters
 
