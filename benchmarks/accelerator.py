@@ -189,7 +189,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--prior_batch", type=int, default=32, help="the priors' batch (paper: 32)")
   parser.add_argument("--steps", type=int, default=5, help="timed steps per train item")
   parser.add_argument("--matmul_size", type=int, default=None,
-                      help="n of the reference [n, n] matmul (default 8192; smoke 256)")
+                      help="n of the reference [n, n] matmul (default 16384; smoke 256)")
   parser.add_argument("--sampling_items", default=DEFAULT_SAMPLING_ITEMS,
                       help="comma list of cache_vs_diffusion/<dtype> (AR cache, diffusion at "
                            "--diffusion_steps) and extra/<dtype> (AR recompute, diffusion at T)")
@@ -199,6 +199,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--selftest_items", default="ok,raise,exit,ok2",
                       help="for tests: items of the 'selftest' section (ok*, raise, exit, "
                            "hang, sleep<s>)")
+  parser.add_argument("--commit", default=None,
+                      help="the git commit under test, recorded as given (a device's copy of "
+                           "the working tree may have no .git)")
   parser.add_argument("--out", default=None,
                       help="JSON path (default benchmarks/results/accelerator_<device>.json)")
   parser.add_argument("--also_copy_to", default=None,
@@ -219,7 +222,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.train_items is None:
     args.train_items = SMOKE_TRAIN_ITEMS if args.smoke else DEFAULT_TRAIN_ITEMS
   if args.matmul_size is None:
-    args.matmul_size = 256 if args.smoke else 8192
+    args.matmul_size = 256 if args.smoke else 16384
   if args.check_build:
     args.inprocess = True
   sections = [s for s in args.sections.split(",") if s]
@@ -262,21 +265,42 @@ def _device_bytes_limit() -> int | None:
 
 
 def environment_item(args, item: str, ctx: dict) -> dict:
-  del args, item, ctx
+  """The device and what runs on it. Every part but the device itself is optional: a
+  field that cannot be read (another JAX version, no git in the device's copy) is
+  recorded under `errors` instead of failing the item, which names the JSON and the
+  peak."""
+  del item, ctx
   import jax  # pylint: disable=import-outside-toplevel
+  device = jax.devices()[0]
+  env: dict[str, Any] = {"backend": jax.default_backend(), "device_kind": device.device_kind,
+                         "device": str(device), "devices": [str(d) for d in jax.devices()],
+                         "jax": jax.__version__, "errors": {}}
 
-  from benchmarks.common import environment  # pylint: disable=import-outside-toplevel
-  env = environment()
-  env["devices"] = [str(d) for d in jax.devices()]
-  try:
-    env["memory_stats"] = jax.devices()[0].memory_stats()
-  except Exception as error:  # noqa: BLE001
-    env["memory_stats"] = f"unavailable: {type(error).__name__}"
-  env["jax_default_matmul_precision"] = str(jax.config.jax_default_matmul_precision)
-  env["env"] = {k: os.environ.get(k) for k in (
+  def optional(name, read):
+    try:
+      value = read()
+    except Exception as error:  # noqa: BLE001
+      env["errors"][name] = f"{type(error).__name__}: {error}"
+      return
+    if isinstance(value, dict) and name == "common":
+      env.update({k: v for k, v in value.items() if k not in env or k == "git"})
+    else:
+      env[name] = value
+
+  def common():
+    from benchmarks.common import environment  # pylint: disable=import-outside-toplevel
+    return environment()
+
+  optional("common", common)
+  optional("memory_stats", device.memory_stats)
+  optional("jax_default_matmul_precision",
+           lambda: str(jax.config.jax_default_matmul_precision))
+  optional("env", lambda: {k: os.environ.get(k) for k in (
       "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
-      "XLA_PYTHON_CLIENT_ALLOCATOR", "JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL")}
-  env["nvidia_smi"] = _nvidia_smi()
+      "XLA_PYTHON_CLIENT_ALLOCATOR", "XLA_FLAGS", "JAX_PLATFORMS", "PYTHONPATH")})
+  optional("nvidia_smi", _nvidia_smi)
+  if args.commit:
+    env["commit_given"] = args.commit
   return env
 
 
@@ -716,7 +740,7 @@ def summary_markdown(report: dict) -> str:
   env = report.get("environment") or {}
   lines = [f"# Accelerator run — {env.get('device_kind', 'unknown device')}",
            "", f"jax {env.get('jax')}, backend {env.get('backend')}, commit "
-           f"{(env.get('git') or {}).get('commit')}; peak: "
+           f"{(env.get('git') or {}).get('commit') or env.get('commit_given')}; peak: "
            + (json.dumps(report["peak"]) if report.get("peak") else "unknown (MFU null)"),
            f"wall {report.get('wall_s', 0):.0f} s of a {report['settings']['budget_s']:.0f} s "
            "budget"]
@@ -747,7 +771,7 @@ def main(argv=None) -> int:
       "mode": mode,
       "settings": {k: v for k, v in vars(args).items()
                    if not k.startswith("_") and k != "argv"},
-      "environment": None, "peak": None, "sections": {}, "complete": False,
+      "environment": None, "peak": None, "sections": {}, "complete": False, "notes": [],
       "definitions": {
           "MFU": "XLA's FLOPs of the compiled step (cost_analysis) ÷ median step s ÷ the "
                  "device's dense peak for the compute dtype (PEAKS in the script: float32 "
@@ -806,6 +830,11 @@ def main(argv=None) -> int:
       if peak is None:
         report["peak_note"] = (f"device kind {kind!r} is not in PEAKS: MFU is null; "
                                "the ratio to the bare matmul still holds")
+      if mode == "full" and (report["environment"] or {}).get("backend") in ("cpu", None):
+        report["notes"].append("JAX found no accelerator (backend "
+                               f"{(report['environment'] or {}).get('backend')}): the full "
+                               "sizes will not finish here; see the environment section")
+        _log(report["notes"][-1])
     if SECTIONS[name].finalize is not None:
       try:
         SECTIONS[name].finalize(record, peak_for(_device_kind(report, args)))
