@@ -157,7 +157,7 @@ QUANTIZER_FUNCTIONS = "matmul_fwd,matmul_fwd_bwd,nearest_fwd,vq,gumbel,regvq,fq"
 # GAN, compiles longest), so a slow compile costs the fewest results.
 DEFAULT_TRAIN_ITEMS = ("matmul,ar/bfloat16,diffusion/bfloat16,tokenizer/bfloat16,"
                        "tokenizer/float32,ar/float32,diffusion/float32")
-SMOKE_TRAIN_ITEMS = "matmul,tokenizer/bfloat16,ar/bfloat16,diffusion/bfloat16,tokenizer/float32"
+SMOKE_TRAIN_ITEMS = "matmul,ar/bfloat16,diffusion/bfloat16,tokenizer/bfloat16,tokenizer/float32"
 DEFAULT_SAMPLING_ITEMS = "cache_vs_diffusion/float32,cache_vs_diffusion/bfloat16,extra/float32"
 
 
@@ -655,6 +655,20 @@ def child_main(args) -> int:
   return 0
 
 
+_CHILDREN: list[subprocess.Popen] = []  # The section child running now, if any.
+CHILD_PIDS: list[int] = []  # Every child started, for the JSON (a log names them).
+
+
+def _end_children_and_exit(signum, frame) -> None:
+  """SIGTERM / SIGINT / SIGHUP to the parent: end the running child, then exit (the JSON
+  written so far stays)."""
+  del frame
+  for proc in list(_CHILDREN):
+    _kill(proc)
+  _log(f"signal {signum}: ended the running section's child; exiting")
+  sys.exit(128 + signum)
+
+
 def _kill(proc: subprocess.Popen) -> None:
   """Ends the child we started and its own children (its process group)."""
   for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 5)):
@@ -688,7 +702,12 @@ def run_section_children(args, name: str, items: list[str], deadline: float,
       command = [sys.executable, "-m", "benchmarks.accelerator", *args.argv,
                  "--_child", name, "--_items", json.dumps(pending), "--_part", part,
                  "--_deadline", repr(deadline)]
-      proc = subprocess.Popen(command, cwd=_REPO, env=env, start_new_session=True)
+      # Its own process group (killpg ends it and what it started) in this session: a
+      # supervisor that ends this command's session ends the child too.
+      proc = subprocess.Popen(command, cwd=_REPO, env=env, process_group=0)
+      _CHILDREN.append(proc)
+      _log(f"{name}: child {proc.pid} for {len(pending)} item(s)")
+      CHILD_PIDS.append(proc.pid)
       seen, timed_out = None, False
       while True:
         try:
@@ -706,6 +725,7 @@ def run_section_children(args, name: str, items: list[str], deadline: float,
           _kill(proc)
           returncode, timed_out = proc.returncode, True
           break
+      _CHILDREN.remove(proc)
       results.update((_read_json(part) or {}).get("items", {}))
       for item, result in results.items():
         if result.get("status") == "running":
@@ -772,6 +792,19 @@ def main(argv=None) -> int:
   if args.pretend_backend:
     import jax  # pylint: disable=import-outside-toplevel
     jax.default_backend = lambda: args.pretend_backend
+  previous_handlers = {}
+  if not args.inprocess:
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+      previous_handlers[signum] = signal.signal(signum, _end_children_and_exit)
+  try:
+    return _run(args)
+  finally:
+    for signum, handler in previous_handlers.items():
+      signal.signal(signum, handler)
+
+
+def _run(args) -> int:
+  """main's body: the sections in order under the deadline, the JSON after each item."""
   start = time.time()
   deadline = start + args.budget_s
   mode = "check_build" if args.check_build else "smoke" if args.smoke else "full"
@@ -798,6 +831,7 @@ def main(argv=None) -> int:
 
   def write() -> None:
     report["wall_s"] = time.time() - start
+    report["child_pids"] = list(CHILD_PIDS)
     if state["out"] is None:
       return
     _write_json(state["out"], report)

@@ -2,6 +2,10 @@
 peak table and MFU arithmetic, its deadlines, that a failing, crashing or hanging item is
 recorded while the run goes on, and a tiny run of its real sections (JSON fields)."""
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -174,3 +178,23 @@ def test_smoke_sections_write_the_json_fields(tmp_path, monkeypatch):
   assert all(r["images_per_s"] > 0 for r in result["rows"])
   assert sampling["ratios"]["float32: diffusion 8 steps vs ar cache (images/s ratio)"] > 0
   assert report["complete"] is True and "## train: ok" in report["summary_markdown"]
+
+
+def test_terminating_the_run_ends_its_running_child(tmp_path):
+  out = tmp_path / "run.json"
+  parent = subprocess.Popen(
+      [sys.executable, "-m", "benchmarks.accelerator", "--sections", "selftest",
+       "--selftest_items", "hang", "--budget_s", "60", "--out", str(out)],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(accelerator.__file__))))
+  deadline = time.time() + 15
+  while time.time() < deadline:  # Until the child has started its item.
+    report = json.loads(out.read_text()) if out.exists() else {}
+    items = report.get("sections", {}).get("selftest", {}).get("items", {})
+    if items.get("hang", {}).get("status") == "running" and report.get("child_pids"):
+      break
+    time.sleep(0.2)
+  child = report["child_pids"][0]
+  parent.send_signal(signal.SIGTERM)
+  assert parent.wait(timeout=15) == 128 + signal.SIGTERM
+  with pytest.raises(ProcessLookupError):
+    os.kill(child, 0)
