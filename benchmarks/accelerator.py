@@ -468,6 +468,12 @@ def finalize_train(section: dict, peak: DevicePeak | None) -> None:
           "| TFLOP/s | MFU | ÷ matmul | peak GiB |",
           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for name, item in items.items():
+    if item.get("status") == "built":  # --check_build: XLA's numbers for this machine.
+      report = (item.get("reports") or [{}])[0]
+      rows.append(f"| {item['stage']} | {item['dtype']} | {item['batch']} | — | "
+                  f"{item['compile_s']:.1f} (built) | — | — | "
+                  f"{report.get('flops', 0) / 1e9:.0f} | — | — | — | "
+                  f"{report.get('total_bytes', 0) / GIB:.2f} |")
     if name == "matmul" or item.get("status") != "ok":
       continue
     dtype = item["dtype"]
@@ -553,8 +559,8 @@ def finalize_sampling(section: dict, peak: DevicePeak | None) -> None:
     if cache and recompute:  # From two items: a ratio of medians, not of paired rounds.
       ratios[f"{dtype}: ar_cache_speedup (ratio of medians)"] = recompute / cache
   section["ratios"] = ratios
-  section["table_markdown"] = "\n".join(rows) + "\n\n" + "\n".join(
-      f"* {name}: {value:.2f}" for name, value in ratios.items())
+  section["table_markdown"] = "\n".join(rows) + "".join(
+      ["\n"] + [f"\n* {name}: {value:.2f}" for name, value in ratios.items()] if ratios else [])
 
 
 # ---------------------------------------------------------------------------- selftest
@@ -780,8 +786,9 @@ def summary_markdown(report: dict) -> str:
       if result.get("status") not in ("ok", "built"):
         lines.append(f"* {item}: {result.get('status')} {result.get('error', '')[:200]}")
     for key in ("matmul_markdown", "table_markdown"):
-      if section.get(key):
-        lines += ["", section[key]]
+      text = (section.get(key) or "").strip()
+      if len(text.splitlines()) > 2 or (text and not text.startswith("|")):  # No bare header.
+        lines += ["", text]
   return "\n".join(lines)
 
 
