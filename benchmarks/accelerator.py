@@ -173,7 +173,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "quantizers' block sizes) sees this, e.g. gpu, so the CPU compiles "
                            "the accelerator's code path")
   parser.add_argument("--budget_s", type=float, default=None,
-                      help="global deadline in s (default 420; --smoke 110)")
+                      help="global deadline in s (default 420; --smoke 300, a ceiling)")
   parser.add_argument("--sections", default=",".join(SECTION_ORDER))
   parser.add_argument("--min_item_s", type=float, default=None,
                       help="no item starts with less than this left (default 10; smoke 2)")
@@ -220,7 +220,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   args.argv = list(sys.argv[1:] if argv is None else argv)
   if args.budget_s is None:
-    args.budget_s = 110.0 if args.smoke else 420.0
+    args.budget_s = 300.0 if args.smoke else 420.0
   if args.min_item_s is None:
     args.min_item_s = 2.0 if args.smoke else 10.0
   if args.quantizer_cells is None:
