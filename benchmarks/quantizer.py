@@ -618,6 +618,68 @@ def write_json(path: str, meta: dict[str, Any], cells: list[dict[str, Any]]) -> 
 # ------------------------------------------------------------------------ main
 
 
+def measure_cell(shape: tuple[int, int, int], num_codes: int, dim: int, *,
+                 functions=JAX_FUNCTIONS, reps: int = 5, min_sample_ms: float = 20.0,
+                 seed: int = 0, max_gflop: float = 120.0, limit_bytes: int = 6 * GIB,
+                 torch_note: str | None = "skipped (not asked for)", threads: int = 1,
+                 rss: PeakRSS | None = None, log=lambda msg: None) -> dict[str, Any]:
+  """One cell (tokens `shape` = (B, H, W), K = `num_codes`, D = `dim`): compiles and times
+  `functions` (and torch's VectorQuantize when `torch_note` is None) and returns the
+  cell's record, as `main` writes it (plus `_benches`, the Bench objects, which
+  `markdown_tables` reads and `write_json` leaves out). A cell over `max_gflop` or whose
+  baseline needs more than `limit_bytes` is returned with its status and nothing timed."""
+  rss = rss or PeakRSS()
+  n = math.prod(shape)
+  gflop = 6 * n * num_codes * dim / 1e9
+  base_bytes = 4 * (2 * n * num_codes + 2 * n * dim + 2 * num_codes * dim)
+  cell: dict[str, Any] = {"N": n, "shape": list(shape), "K": num_codes, "D": dim,
+                          "matmul_fwd_bwd_gflop": gflop,
+                          "matmul_fwd_bwd_estimated_bytes": base_bytes}
+  if gflop > max_gflop:
+    cell["status"] = "skipped (flops)"
+  elif base_bytes > limit_bytes:
+    cell["status"] = "skipped (memory)"
+  else:
+    cell["status"] = "ok"
+  if cell["status"] != "ok":
+    log(f"    {cell['status']}")
+    return cell
+
+  cell_start = time.perf_counter()
+  benches, release_jax = jax_benches(shape, num_codes, dim, seed, limit_bytes, log, functions)
+  benches += [Bench(name, status="skipped (--functions)") for name in JAX_FUNCTIONS
+              if name not in functions]
+  release_torch = lambda: None  # noqa: E731
+  if torch_note is None:
+    tb, release_torch = torch_bench(shape, num_codes, dim, seed, limit_bytes, threads, log)
+  else:
+    tb = Bench(TORCH_FUNCTION, status=torch_note)
+  benches.append(tb)
+  rounds = run_cell(benches, reps, min_sample_ms / 1e3, rss, log)
+  release_jax()
+  release_torch()
+  results = {b.name: b for b in benches}
+  for b in benches:
+    b.call = b.compiled = None
+  gc.collect()
+
+  ratios = {name: _ratio(results, name) for name in RATIO_OF}
+  cell.update(
+      _benches=results,
+      functions={b.name: b.record() for b in benches},
+      ratios=ratios,
+      ratios_of_medians={name: _ratio(results, name, paired=False) for name in RATIO_OF},
+      targets=_targets(ratios),
+      rounds=rounds,
+      wall_s=time.perf_counter() - cell_start,
+  )
+  summary = ", ".join(f"{k}={v:.2f}" for k, v in ratios.items() if v is not None)
+  log(f"    {summary}  ({cell['wall_s']:.0f} s)")
+  return cell
+
+
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -692,57 +754,12 @@ def main(argv=None) -> int:
   grid = [(s, k, d) for s in args.tokens for k in args.codes for d in args.dims]
   run_start = time.perf_counter()
   for index, (shape, num_codes, dim) in enumerate(grid):
-    n = math.prod(shape)
-    gflop = 6 * n * num_codes * dim / 1e9
-    base_bytes = 4 * (2 * n * num_codes + 2 * n * dim + 2 * num_codes * dim)
-    cell: dict[str, Any] = {"N": n, "shape": list(shape), "K": num_codes, "D": dim,
-                            "matmul_fwd_bwd_gflop": gflop,
-                            "matmul_fwd_bwd_estimated_bytes": base_bytes}
-    log(f"[{index + 1}/{len(grid)}] N={n} K={num_codes} D={dim}: {gflop:.1f} GFLOP")
-    if gflop > args.max_gflop:
-      cell["status"] = "skipped (flops)"
-    elif base_bytes > limit_bytes:
-      cell["status"] = "skipped (memory)"
-    else:
-      cell["status"] = "ok"
-    if cell["status"] != "ok":
-      log(f"    {cell['status']}")
-      cells.append(cell)
-      write_json(args.out, meta, cells)
-      continue
-
-    cell_start = time.perf_counter()
-    benches, release_jax = jax_benches(shape, num_codes, dim, args.seed, limit_bytes, log,
-                                       args.functions)
-    benches += [Bench(name, status="skipped (--functions)") for name in JAX_FUNCTIONS
-                if name not in args.functions]
-    release_torch = lambda: None  # noqa: E731
-    if torch_note is None:
-      tb, release_torch = torch_bench(shape, num_codes, dim, args.seed, limit_bytes, threads, log)
-    else:
-      tb = Bench(TORCH_FUNCTION, status=torch_note)
-    benches.append(tb)
-    rounds = run_cell(benches, args.reps, args.min_sample_ms / 1e3, rss, log)
-    release_jax()
-    release_torch()
-    results = {b.name: b for b in benches}
-    for b in benches:
-      b.call = b.compiled = None
-    gc.collect()
-
-    ratios = {name: _ratio(results, name) for name in RATIO_OF}
-    cell.update(
-        _benches=results,
-        functions={b.name: b.record() for b in benches},
-        ratios=ratios,
-        ratios_of_medians={name: _ratio(results, name, paired=False) for name in RATIO_OF},
-        targets=_targets(ratios),
-        rounds=rounds,
-        wall_s=time.perf_counter() - cell_start,
-    )
-    summary = ", ".join(f"{k}={v:.2f}" for k, v in ratios.items() if v is not None)
-    log(f"    {summary}  ({cell['wall_s']:.0f} s)")
-    cells.append(cell)
+    log(f"[{index + 1}/{len(grid)}] N={math.prod(shape)} K={num_codes} D={dim}: "
+        f"{6 * math.prod(shape) * num_codes * dim / 1e9:.1f} GFLOP")
+    cells.append(measure_cell(
+        shape, num_codes, dim, functions=args.functions, reps=args.reps,
+        min_sample_ms=args.min_sample_ms, seed=args.seed, max_gflop=args.max_gflop,
+        limit_bytes=limit_bytes, torch_note=torch_note, threads=threads, rss=rss, log=log))
     write_json(args.out, meta, cells)
 
   meta["wall_s"] = time.perf_counter() - run_start

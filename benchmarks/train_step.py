@@ -83,10 +83,11 @@ def run_config(name: str, paper_batch: int):
   return config
 
 
-def matmul_flops_per_s(n: int, repeats: int = 5) -> float:
-  """FLOP/s of a float32 [n, n] × [n, n] matmul on the default device (median)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def matmul_flops_per_s(n: int, repeats: int = 5, dtype=jnp.float32) -> float:
+  """FLOP/s of a [n, n] × [n, n] matmul in `dtype` (default precision: TF32 on recent
+  NVIDIA GPUs, one bfloat16 pass on TPUs for float32) on the default device (median)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   matmul = jax.jit(lambda x, y: x @ y).lower(a, b).compile()
   matmul(a, b).block_until_ready()
   times = []
@@ -110,8 +111,21 @@ def _random_batch(abstract: dict) -> dict:
   return batch
 
 
-def measure_stage(config, stage_name: str, num_steps: int) -> dict:
-  """Compile time, step time, FLOPs and memory of one stage's step on one device."""
+class DoesNotFit(RuntimeError):
+  """The compiled step needs more device memory than `measure_stage`'s `max_bytes`."""
+
+  def __init__(self, needed_bytes: int, max_bytes: int, compile_s: float):
+    super().__init__(f"the step needs {needed_bytes / 2**30:.1f} GiB > "
+                     f"{max_bytes / 2**30:.1f} GiB")
+    self.needed_bytes, self.max_bytes, self.compile_s = needed_bytes, max_bytes, compile_s
+
+
+def measure_stage(config, stage_name: str, num_steps: int,
+                  max_bytes: int | None = None) -> dict:
+  """Compile time, step time, FLOPs and memory of one stage's step on one device.
+
+  With `max_bytes`, a step whose compiled program (XLA's buffer assignment) needs more
+  raises `DoesNotFit` before it runs."""
   tokenizer = None
   if stage_name != "tokenizer":
     tokenizer = build_tokenizer(config, rngs=nnx.Rngs(0))
@@ -133,6 +147,12 @@ def measure_stage(config, stage_name: str, num_steps: int) -> dict:
     start = time.perf_counter()
     compiled = step_fn.lower(state, constants, batch, key, step).compile()
     compile_s = time.perf_counter() - start
+    try:
+      memory = aot_check.compiled_memory(compiled)
+    except RuntimeError:  # A backend without memory analysis.
+      memory = None
+    if max_bytes is not None and memory and memory["total_bytes"] > max_bytes:
+      raise DoesNotFit(memory["total_bytes"], max_bytes, compile_s)
     state, metrics = compiled(state, constants, batch, key, step)  # Warm-up.
     jax.block_until_ready(metrics)
     times = []
@@ -149,7 +169,7 @@ def measure_stage(config, stage_name: str, num_steps: int) -> dict:
           "step_s": step_s, "times_s": times, "images_per_s": batch_size / step_s,
           "gflop_per_step": flops / 1e9, "achieved_flops_per_s": flops / step_s,
           "parameters": parameters, "loss": float(metrics["loss"]),
-          "memory": aot_check.compiled_memory(compiled)}
+          "memory": memory}
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,6 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 from PIL import Image
@@ -184,6 +183,9 @@ class Reporter:
   def __init__(self, workdir: str, stage: str, num_steps: int, start_step: int):
     self.workdir, self.stage, self.num_steps = workdir, stage, num_steps
     self.is_writer = jax.process_index() == 0
+    # Imported here: clu's writers import TensorFlow, which code that only builds and
+    # times a step (benchmarks/accelerator.py on a machine without TensorFlow) never needs.
+    from clu import metric_writers  # pylint: disable=import-outside-toplevel
     self.writer = metric_writers.create_default_writer(
         workdir, just_logging=not self.is_writer, asynchronous=True)
     self.image_dir = epath.Path(workdir) / "images"
