@@ -81,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--big-rounds", type=int, default=3,
                       help="timed rounds at sizes whose step takes over 5 s")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch column")
+  parser.add_argument("--torch-threads", type=int, default=0,
+                      help="torch intra-op threads (default: the cores XLA uses)")
   parser.add_argument("--quick", action="store_true", help="tiny smoke run")
   parser.add_argument("--out", default=None)
   parser.add_argument("--doc", default=DOC, help="markdown doc to write the tables into "
@@ -402,6 +404,7 @@ def gumbel_pair(batch: int, side: int, in_features: int, num_codes: int, code_di
                "grad_bias": np.asarray(g_params["logits"]["projection"]["bias"][...]),
                "grad_codebook": np.asarray(g_params["codebook"][...])},
       "torch": {"indices": indices.numpy().astype(np.int32), "quantized": nchw(z_q),
+                "argmax": theirs.proj(z_t).argmax(dim=1).numpy().astype(np.int32),
                 "loss": float(diff), "grad_z": nchw(z_t.grad),
                 "grad_kernel": theirs.proj.weight.grad[:, :, 0, 0].numpy().T,
                 "grad_bias": theirs.proj.bias.grad.numpy(),
@@ -605,9 +608,10 @@ def main(argv=None) -> int:
       torch_note = f"skipped (not installed: {e.name})"
   with_torch = torch_note is None
   threads = {"usable_cores": usable_cores(), "xla_cpu_intra_op": usable_cores(),
-             "xla_flags": os.environ.get("XLA_FLAGS", "")}
+             "xla_flags": os.environ.get("XLA_FLAGS", ""),
+             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
   if with_torch:
-    torch.set_num_threads(usable_cores())
+    torch.set_num_threads(args.torch_threads or usable_cores())
     threads.update(torch_intra_op=torch.get_num_threads(),
                    torch_inter_op=torch.get_num_interop_threads())
   else:
