@@ -405,7 +405,7 @@ def gumbel_pair(batch: int, side: int, in_features: int, num_codes: int, code_di
                "grad_codebook": np.asarray(g_params["codebook"][...])},
       "torch": {"indices": indices.numpy().astype(np.int32), "quantized": nchw(z_q),
                 "argmax": theirs.proj(z_t).argmax(dim=1).numpy().astype(np.int32),
-                "loss": float(diff), "grad_z": nchw(z_t.grad),
+                "loss": float(diff.detach()), "grad_z": nchw(z_t.grad),
                 "grad_kernel": theirs.proj.weight.grad[:, :, 0, 0].numpy().T,
                 "grad_bias": theirs.proj.bias.grad.numpy(),
                 "grad_codebook": theirs.embed.weight.grad.numpy()},
