@@ -1,0 +1,193 @@
+"""The remedies XLA offers for the layers where XLA:CPU loses to PyTorch, measured.
+
+A script, not a test: `python -m benchmarks.xla_cpu_remedies` (see benchmarks/README.md).
+
+`benchmarks/peer_torch_layers.py` found the two losers of the 256 px tokenizer step on
+XLA:CPU: the 3×3 convolutions at 256² × 128 channels (≈ 3× PyTorch's time, forward +
+backward) and GroupNorm (7–15×). This script times, forward + backward, side by side in
+one process (interleaved rounds, median):
+
+  conv      lax.conv_general_dilated (NHWC; what the model runs)
+  shifted   the same conv as 9 shifted [HW, C] × [C, C'] matmuls
+  im2col    one [HW, 9C] × [9C, C'] matmul on the concatenated shifts
+  matmul    a bare [HW, 9C] × [9C, C'] matmul: XLA:CPU's GEMM rate, the conv's floor
+
+  groupnorm        flax's nnx.GroupNorm formulation (reduce over H, W and the channels of
+                   a group in one reduction on [B, H, W, G, C/G])
+  groupnorm_chan   per-channel sums over H·W on [B, H·W, C] (a reduction along a
+                   non-minor axis, contiguous in C), then the group sums on [B, G, C/G]
+
+and, each in a fresh process, the conv under XLA_FLAGS that select other CPU kernels
+(oneDNN, XNNPACK, no Eigen thread pool). Every variant is checked against the reference
+(values and gradients) before it is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+FLAG_SETS = ("", "--xla_cpu_use_onednn=true", "--xla_cpu_experimental_onednn_custom_call=true",
+             "--xla_cpu_use_xnnpack=true", "--xla_cpu_multi_thread_eigen=false")
+
+
+def _conv_variants(size: int, channels: int):
+  import jax
+  import jax.numpy as jnp
+
+  def conv(x, k):
+    return jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def shifts(x):
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return [padded[:, dy:dy + size, dx:dx + size, :] for dy in range(3) for dx in range(3)]
+
+  def shifted(x, k):
+    return sum(jnp.einsum("bhwc,cd->bhwd", s, k[i // 3, i % 3]) for i, s in enumerate(shifts(x)))
+
+  def im2col(x, k):
+    return jnp.einsum("bhwc,cd->bhwd", jnp.concatenate(shifts(x), -1),
+                      k.reshape(-1, k.shape[-1]))
+  x = jax.random.normal(jax.random.key(0), (1, size, size, channels))
+  k = jax.random.normal(jax.random.key(1), (3, 3, channels, channels)) * 0.05
+  return {"conv": conv, "shifted": shifted, "im2col": im2col}, (x, k)
+
+
+def _groupnorm_variants(size: int, channels: int, groups: int = 32, eps: float = 1e-6):
+  import jax
+  import jax.numpy as jnp
+  b, n = 1, size * size * (channels // groups)
+
+  def groupnorm(x, scale, shift):  # nnx.GroupNorm's formulation (fast variance).
+    xg = x.reshape(b, size, size, groups, channels // groups)
+    mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
+    var = jnp.maximum(jnp.mean(jnp.square(xg), axis=(1, 2, 4), keepdims=True)
+                      - jnp.square(mean), 0.0)
+    return ((xg - mean) * jax.lax.rsqrt(var + eps)).reshape(x.shape) * scale + shift
+
+  def group_mean(channel_sums):  # [B, C] → the group's mean, repeated per channel.
+    means = channel_sums.reshape(b, groups, channels // groups).sum(-1) / n
+    return jnp.repeat(means, channels // groups, axis=1)
+
+  def groupnorm_chan(x, scale, shift):
+    flat = x.reshape(b, size * size, channels)
+    mean = group_mean(jnp.sum(flat, axis=1))
+    var = jnp.maximum(group_mean(jnp.sum(jnp.square(flat), axis=1)) - jnp.square(mean), 0.0)
+    inv = jax.lax.rsqrt(var + eps) * scale
+    return (x - mean[:, None, None, :]) * inv[:, None, None, :] + shift
+  x = jax.random.normal(jax.random.key(0), (b, size, size, channels)) * 2.0 + 0.5
+  return ({"groupnorm": groupnorm, "groupnorm_chan": groupnorm_chan},
+          (x, jnp.linspace(0.5, 1.5, channels), jnp.linspace(-0.1, 0.1, channels)))
+
+
+def _compiled_fwd_bwd(fn, args):
+  import jax
+  cotangent = jax.random.normal(jax.random.key(7), jax.eval_shape(fn, *args).shape)
+
+  def fwd_bwd(*args):
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(cotangent)
+  return jax.jit(fwd_bwd).lower(*args).compile()
+
+
+def _check_close(got, want, what):
+  import jax
+  import numpy as np
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    error = np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30)
+    if error > 1e-4:
+      raise AssertionError(f"{what} differs from the reference: relative L2 error {error:.2e}")
+
+
+def time_variants(variants: dict, args, reference: str, rounds: int) -> dict:
+  """Median ms of each variant's compiled forward + backward, interleaved rounds."""
+  import jax
+  compiled = {name: _compiled_fwd_bwd(fn, args) for name, fn in variants.items()}
+  want = compiled[reference](*args)
+  for name, fn in compiled.items():
+    _check_close(fn(*args), want, name)
+  times = {name: [] for name in compiled}
+  for _ in range(rounds):
+    for name, fn in compiled.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def _matmul_ms(size: int, channels: int, rounds: int) -> float:
+  import jax
+  a = jax.random.normal(jax.random.key(3), (size * size, 9 * channels))
+  b = jax.random.normal(jax.random.key(4), (9 * channels, channels))
+  matmul = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
+  jax.block_until_ready(matmul(a, b))
+  times = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a, b))
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
+def _conv_under_flags(size: int, channels: int, rounds: int) -> dict:
+  """The conv's median ms in a fresh process per XLA_FLAGS setting."""
+  out = {}
+  for flags in FLAG_SETS:
+    env = {**os.environ, "XLA_FLAGS": flags}
+    code = ("import json, sys; from benchmarks import xla_cpu_remedies as r; "
+            f"v, a = r._conv_variants({size}, {channels}); "
+            f"print(json.dumps(r.time_variants({{'conv': v['conv']}}, a, 'conv', {rounds})))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, check=False, timeout=1800)
+    lines = done.stdout.strip().splitlines()
+    out[flags or "(none)"] = (json.loads(lines[-1])["conv"] if done.returncode == 0 and lines
+                              else f"failed: {done.stderr.strip()[-300:]}")
+  return out
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--size", type=int, default=256, help="image side of the layer")
+  parser.add_argument("--channels", type=int, default=128)
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--no_flags", action="store_true", help="skip the XLA_FLAGS runs")
+  parser.add_argument("--out", default="benchmarks/results/xla_cpu_remedies.json")
+  args = parser.parse_args(argv)
+  from benchmarks.common import environment
+  result = {"environment": environment(), "size": args.size, "channels": args.channels,
+            "rounds": args.rounds}
+  conv_variants, conv_args = _conv_variants(args.size, args.channels)
+  result["conv_ms"] = time_variants(conv_variants, conv_args, "conv", args.rounds)
+  result["matmul_ms"] = _matmul_ms(args.size, args.channels, args.rounds)
+  gn_variants, gn_args = _groupnorm_variants(args.size, args.channels)
+  result["groupnorm_ms"] = time_variants(gn_variants, gn_args, "groupnorm", args.rounds)
+  if not args.no_flags:
+    result["conv_ms_by_xla_flags"] = _conv_under_flags(args.size, args.channels, args.rounds)
+  print(f"3×3 conv {args.size}²×{args.channels}, fwd+bwd (ms; ÷ conv):")
+  for name, ms in result["conv_ms"].items():
+    print(f"  {name:16s} {ms:8.1f}  {ms / result['conv_ms']['conv']:.2f}")
+  forward_flops = 2 * args.size ** 2 * 9 * args.channels ** 2
+  result["gemm_gflops"] = forward_flops / result["matmul_ms"] / 1e6
+  result["conv_gflops"] = 3 * forward_flops / result["conv_ms"]["conv"] / 1e6  # fwd + 2 bwd
+  print(f"  bare GEMM rate {result['gemm_gflops']:.1f} GFLOP/s; "
+        f"conv fwd+bwd at {result['conv_gflops']:.1f} GFLOP/s")
+  print("GroupNorm (32 groups), fwd+bwd (ms; ÷ nnx formulation):")
+  for name, ms in result["groupnorm_ms"].items():
+    print(f"  {name:16s} {ms:8.1f}  {ms / result['groupnorm_ms']['groupnorm']:.2f}")
+  for flags, ms in result.get("conv_ms_by_xla_flags", {}).items():
+    print(f"  conv with XLA_FLAGS={flags}: {ms if isinstance(ms, str) else f'{ms:.1f} ms'}")
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out, "w") as file:
+    json.dump(result, file, indent=2)
+  print(f"wrote {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
