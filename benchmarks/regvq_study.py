@@ -367,6 +367,79 @@ def _differences(results, pairs, metrics):
   return "\n".join(lines)
 
 
+# Each claim of the paper as a change between two rows: (claim, paper's numbers, from-row,
+# to-row, stage, metric, the direction the paper reports, scale for display).
+CLAIMS = [
+    ("1. The prior KL prevents codebook collapse", "near-full usage vs a small fraction",
+     "vqgan", "prior_kl", "tokenizer", "usage", "higher", 100),
+    ("2a. The mask improves generation", "gFID 36.57 → 35.03", "prior_kl", "mask", "ar",
+     "gfd_vgg", "lower", 1),
+    ("2b. The mask costs reconstruction", "PSNR 18.98 → 18.56", "prior_kl", "mask",
+     "tokenizer", "psnr", "lower", 1),
+    ("3a. PCL improves reconstruction over a plain CL", "rFID 24.21 → 23.69", "cl", "pcl",
+     "tokenizer", "rfd_vgg", "lower", 1),
+    ("3b. PCL improves generation over a plain CL", "gFID 34.91 → 34.47", "cl", "pcl", "ar",
+     "gfd_vgg", "lower", 1),
+    ("The whole ladder improves generation", "gFID 38.53 → 34.47", "vqgan", "pcl", "ar",
+     "gfd_vgg", "lower", 1),
+]
+USAGE_GOALS = [  # (goal, rows that may reach it, threshold on held-out argmax usage)
+    ("≥ 95 % of K = 1,024 in use (Reg-VQ family)",
+     ["prior_kl", "r0.2", "mask", "r0.6", "r1.0", "r0.4_l1all", "r1.0_l1all", "cl", "pcl",
+      "kl_tau0.25", "entropy0.1", "kl1.0", "batch64"], 0.95),
+    ("≥ 90 % of K = 16,384 in use", ["regvq_k16384", "regfq_k16384"], 0.90),
+    ("VQGAN under 10 % of K = 1,024", ["vqgan"], None),
+]
+
+
+def compare_rows(va: list[float], vb: list[float], direction: str) -> tuple[str, str]:
+  """A claimed change from row a to row b, judged against the seed spread.
+
+  Returns (the measured change as text, verdict). The verdict is 'agrees' / 'disagrees' when
+  both rows have ≥ 2 seeds and |Δ mean| exceeds 2 × the pooled sample std in the paper's /
+  the opposite direction, 'unresolved' otherwise (within the spread, or too few seeds to
+  have one; the text then says which way the means moved).
+  """
+  if not va or not vb:
+    return "not run", "unresolved (not run)"
+  delta = float(np.mean(vb) - np.mean(va))
+  sign = 1.0 if direction == "higher" else -1.0
+  moved = "the paper's way" if sign * delta > 0 else "the other way"
+  if len(va) < 2 or len(vb) < 2:
+    return (f"Δ {delta:+.3g}", f"unresolved ({min(len(va), len(vb))} seed: means moved "
+            f"{moved})")
+  spread = 2 * math.sqrt((np.var(va, ddof=1) + np.var(vb, ddof=1)) / 2)
+  text = f"Δ {delta:+.3g} (2 × pooled std {spread:.2g})"
+  if abs(delta) <= spread:
+    return text, f"unresolved (within the spread; means moved {moved})"
+  return text, "agrees" if sign * delta > 0 else "disagrees"
+
+
+def _verdict(results) -> str:
+  lines = ["| claim | paper (ADE20K) | rows | measured here (mean ± std, seeds) | change | "
+           "verdict |", "|---|---|---|---|---|---|"]
+  for claim, paper, a, b, stage, metric, direction, scale in CLAIMS:
+    va, vb = _values(results, a, stage, metric), _values(results, b, stage, metric)
+    text, verdict = compare_rows([v * scale for v in va], [v * scale for v in vb], direction)
+    label = {"usage": "usage %", "gfd_vgg": "AR gFD-VGG", "psnr": "PSNR",
+             "rfd_vgg": "rFD-VGG"}[metric]
+    measured = (f"{label}: {_cell(va, 3, scale)} ({len(va)}) → {_cell(vb, 3, scale)} "
+                f"({len(vb)})")
+    lines.append(f"| {claim} | {paper} | {a} → {b} | {measured} | {text} | {verdict} |")
+  lines += ["", "| goal | best row | held-out argmax usage % | met? |", "|---|---|---|---|"]
+  for goal, keys, threshold in USAGE_GOALS:
+    means = [(float(np.mean(v)), key, v) for key in keys
+             if (v := _values(results, key, "tokenizer", "usage"))]
+    if not means:
+      lines.append(f"| {goal} | not run | — | unresolved |")
+      continue
+    mean, key, values = max(means) if threshold is not None else min(means)
+    met = mean >= threshold if threshold is not None else mean < 0.10
+    lines.append(f"| {goal} | {key} | {_cell(values, 3, 100)} ({len(values)} seed"
+                 f"{'s' if len(values) > 1 else ''}) | {'yes' if met else 'no'} |")
+  return "\n".join(lines)
+
+
 def _plots(results, output_dir) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
@@ -406,6 +479,7 @@ def render(results: dict, output_dir: str) -> str:
   parts.append(f"Rows in the JSON: {len(results['rows'])} of "
                f"{sum(len(r.seeds) for r in ROWS)}. Machine: {env.get('description', '?')}. "
                f"Scale: `{json.dumps(SCALE)}`.")
+  parts.append("### Verdict: the paper's claims against these rows\n\n" + _verdict(results))
   parts.append("### 1. The ablation ladder (mean ± sample std over seeds; AR prior)\n\n"
                + _table(results, ladder))
   parts.append("Paper (ADE20K, Table 2), rFID / PSNR / gFID: " + "; ".join(

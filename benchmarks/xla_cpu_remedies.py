@@ -13,13 +13,16 @@ one process (interleaved rounds, median):
   matmul    a bare [HW, 9C] × [9C, C'] matmul: XLA:CPU's GEMM rate, the conv's floor
 
   groupnorm        flax's nnx.GroupNorm formulation (reduce over H, W and the channels of
-                   a group in one reduction on [B, H, W, G, C/G])
+                   a group in one reduction on [B, H, W, G, C/G]), one-pass variance
+  groupnorm_two_pass  the same with the two-pass variance E[(x - mean)²] that the
+                   model runs (`use_fast_variance=False`)
   groupnorm_chan   per-channel sums over H·W on [B, H·W, C] (a reduction along a
                    non-minor axis, contiguous in C), then the group sums on [B, G, C/G]
 
-and, each in a fresh process, the conv under XLA_FLAGS that select other CPU kernels
-(oneDNN, XNNPACK, no Eigen thread pool). Every variant is checked against the reference
-(values and gradients) before it is timed.
+PyTorch's Conv2d and GroupNorm at the same shapes and thread count (when torch is
+installed) in the same run, and, each in a fresh process, the conv under XLA_FLAGS that
+select other CPU kernels (oneDNN, XNNPACK, no Eigen thread pool). Every variant is
+checked against the reference (values and gradients) before it is timed.
 """
 from __future__ import annotations
 
@@ -70,6 +73,12 @@ def _groupnorm_variants(size: int, channels: int, groups: int = 32, eps: float =
                       - jnp.square(mean), 0.0)
     return ((xg - mean) * jax.lax.rsqrt(var + eps)).reshape(x.shape) * scale + shift
 
+  def groupnorm_two_pass(x, scale, shift):  # what the model runs (use_fast_variance=False)
+    xg = x.reshape(b, size, size, groups, channels // groups)
+    mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
+    return ((xg - mean) * jax.lax.rsqrt(var + eps)).reshape(x.shape) * scale + shift
+
   def group_mean(channel_sums):  # [B, C] → the group's mean, repeated per channel.
     means = channel_sums.reshape(b, groups, channels // groups).sum(-1) / n
     return jnp.repeat(means, channels // groups, axis=1)
@@ -81,7 +90,8 @@ def _groupnorm_variants(size: int, channels: int, groups: int = 32, eps: float =
     inv = jax.lax.rsqrt(var + eps) * scale
     return (x - mean[:, None, None, :]) * inv[:, None, None, :] + shift
   x = jax.random.normal(jax.random.key(0), (b, size, size, channels)) * 2.0 + 0.5
-  return ({"groupnorm": groupnorm, "groupnorm_chan": groupnorm_chan},
+  return ({"groupnorm": groupnorm, "groupnorm_two_pass": groupnorm_two_pass,
+           "groupnorm_chan": groupnorm_chan},
           (x, jnp.linspace(0.5, 1.5, channels), jnp.linspace(-0.1, 0.1, channels)))
 
 
@@ -135,6 +145,29 @@ def _matmul_ms(size: int, channels: int, rounds: int) -> float:
   return 1e3 * statistics.median(times)
 
 
+def _torch_ms(size: int, channels: int, rounds: int) -> dict | str:
+  """PyTorch's conv and GroupNorm at the same shapes, fwd+bwd (median ms), same threads."""
+  try:
+    import torch
+  except ImportError:
+    return "skipped (torch not installed)"
+  from benchmarks.common import usable_cores
+  torch.set_num_threads(usable_cores())
+  x = torch.randn(1, channels, size, size, requires_grad=True)
+  conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+  norm = torch.nn.GroupNorm(32, channels, eps=1e-6)
+  out = {}
+  for name, layer in (("conv", conv), ("groupnorm", norm)):
+    cotangent = torch.randn_like(layer(x))
+    times = []
+    for _ in range(rounds + 1):
+      start = time.perf_counter()
+      layer(x).backward(cotangent)
+      times.append(time.perf_counter() - start)
+    out[name] = 1e3 * statistics.median(times[1:])
+  return out
+
+
 def _conv_under_flags(size: int, channels: int, rounds: int) -> dict:
   """The conv's median ms in a fresh process per XLA_FLAGS setting."""
   out = {}
@@ -167,6 +200,7 @@ def main(argv=None) -> int:
   result["matmul_ms"] = _matmul_ms(args.size, args.channels, args.rounds)
   gn_variants, gn_args = _groupnorm_variants(args.size, args.channels)
   result["groupnorm_ms"] = time_variants(gn_variants, gn_args, "groupnorm", args.rounds)
+  result["torch_ms"] = _torch_ms(args.size, args.channels, args.rounds)
   if not args.no_flags:
     result["conv_ms_by_xla_flags"] = _conv_under_flags(args.size, args.channels, args.rounds)
   print(f"3×3 conv {args.size}²×{args.channels}, fwd+bwd (ms; ÷ conv):")
@@ -177,6 +211,11 @@ def main(argv=None) -> int:
   result["conv_gflops"] = 3 * forward_flops / result["conv_ms"]["conv"] / 1e6  # fwd + 2 bwd
   print(f"  bare GEMM rate {result['gemm_gflops']:.1f} GFLOP/s; "
         f"conv fwd+bwd at {result['conv_gflops']:.1f} GFLOP/s")
+  if isinstance(result["torch_ms"], dict):
+    for name, group in (("conv", "conv_ms"), ("groupnorm", "groupnorm_ms")):
+      print(f"  torch {name:10s} {result['torch_ms'][name]:8.1f}  "
+            f"(each of ours ÷ torch: " + ", ".join(
+                f"{k} {v / result['torch_ms'][name]:.2f}" for k, v in result[group].items()) + ")")
   print("GroupNorm (32 groups), fwd+bwd (ms; ÷ nnx formulation):")
   for name, ms in result["groupnorm_ms"].items():
     print(f"  {name:16s} {ms:8.1f}  {ms / result['groupnorm_ms']['groupnorm']:.2f}")

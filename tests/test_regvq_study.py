@@ -62,3 +62,25 @@ def test_plan_runs_first_seeds_first_and_skips_rows_in_the_json():
   seeds = [seed for _, seed in plan]
   assert seeds[:5] == [0] * 5 and set(seeds[5:]) == {1, 2}
   assert len(plan) == 15
+
+
+def test_a_claim_agrees_only_beyond_the_spread_in_the_papers_direction():
+  # Spread: pooled sample std 0.1 → 2 × 0.1 = 0.2.
+  text, verdict = regvq_study.compare_rows([1.0, 1.1, 1.2], [2.0, 2.1, 2.2], "higher")
+  assert verdict == "agrees" and "+1" in text and "0.2" in text
+  assert regvq_study.compare_rows([1.0, 1.1, 1.2], [2.0, 2.1, 2.2], "lower")[1] == "disagrees"
+  within = regvq_study.compare_rows([1.0, 1.1, 1.2], [1.1, 1.2, 1.3], "higher")[1]
+  assert within.startswith("unresolved (within the spread") and "the paper's way" in within
+  one_seed = regvq_study.compare_rows([1.0], [0.5], "higher")[1]
+  assert one_seed.startswith("unresolved (1 seed") and "the other way" in one_seed
+  assert regvq_study.compare_rows([], [0.5], "higher")[1] == "unresolved (not run)"
+
+
+def test_the_verdict_table_reads_the_json():
+  results = _results({"vqgan": [0.02, 0.03, 0.04], "prior_kl": [0.96, 0.97, 0.98]})
+  verdict = regvq_study._verdict(results)
+  collapse = next(line for line in verdict.splitlines() if line.startswith("| 1. "))
+  assert "3 ± 1 (3) → 97 ± 1 (3)" in collapse and collapse.rstrip().endswith("agrees |")
+  goal = next(line for line in verdict.splitlines() if "K = 1,024 in use" in line)
+  assert "| prior_kl | 97 ± 1 (3 seeds) | yes |" in goal
+  assert "| not run | — | unresolved |" in verdict  # K = 16,384 rows absent.
