@@ -16,8 +16,9 @@ configs/celebahq.py's data settings (source='folder' in place of TFDS) — it:
   2. compiles the loop's jitted tokenizer step (`loop.prepare(...).train_step`, random
      weights, as benchmarks/train_step.py does) and times it on one fixed batch;
   3. runs the loop's own order — next batch, transfer, dispatch the step — with the
-     real iterator (config worker settings) for a few steps, to see whether feeding real
-     data slows the step down when both share the machine;
+     real iterator (config worker settings), in blocks that alternate with blocks of the
+     same step on the fixed batch, to see whether feeding real data slows the step down
+     when both share the machine;
 
 and reports pipeline images/s ÷ step images/s (> 1: the pipeline keeps up).
 
@@ -241,32 +242,49 @@ def measure_step(built: dict, num_steps: int = 0, budget_s: float = 20.0) -> dic
           "images_per_s": built["batch_size"] / step_s, "loss": float(metrics["loss"])}
 
 
-def measure_fed_steps(built: dict, iterator: BatchIterator, num_steps: int) -> dict[str, Any]:
-  """The loop's order with real data: `next(iterator)`, `global_batch`, dispatch the step
-  (not blocked: the loop blocks only when it logs); then the same with the fixed batch,
-  so the two rates are measured the same way. The step is already warm (`measure_step`)
-  and the iterator has started (`build_step` read its first batch)."""
+def measure_fed_steps(built: dict, iterator: BatchIterator, steps_per_block: int,
+                      rounds: int) -> dict[str, Any]:
+  """The loop's order with real data against the same steps on the fixed batch.
+
+  A block is `steps_per_block` steps dispatched back to back as the loop does (blocked
+  only at its end: the loop waits only when it logs), each either fed by the loop's
+  order — `next(iterator)`, `global_batch`, dispatch — or given the fixed batch. The
+  two kinds alternate for `rounds` rounds, so load that comes and goes on a shared
+  machine hits both alike; the slowdown is the median over rounds of fed ÷ fixed. The
+  step is already warm (`measure_step`) and the iterator has started (`build_step`
+  read its first batch).
+  """
   compiled, constants, mesh = built["compiled"], built["constants"], built["mesh"]
   state = built["state"]
   key, step = built["key"], built["step"]
 
-  def run(feed) -> float:
+  def block(feed) -> float:
     nonlocal state
     start = time.perf_counter()
-    for _ in range(num_steps):
+    for _ in range(steps_per_block):
       state, metrics = compiled(state, constants, feed(), key, step)
     jax.block_until_ready(metrics)
-    return (time.perf_counter() - start) / num_steps
+    return (time.perf_counter() - start) / steps_per_block
 
+  fed, fixed = [], []
   with jax.set_mesh(mesh), iterator:
-    fed_s = run(lambda: loop.global_batch(next(iterator), mesh))
-    fixed_s = run(lambda: built["batch"])
+    for round_index in range(rounds):
+      # Which kind goes first alternates too.
+      order = ("fed", "fixed") if round_index % 2 == 0 else ("fixed", "fed")
+      for kind in order:
+        if kind == "fed":
+          fed.append(block(lambda: loop.global_batch(next(iterator), mesh)))
+        else:
+          fixed.append(block(lambda: built["batch"]))
   built["state"] = state
   batch = built["batch_size"]
-  return {"batch": batch, "steps": num_steps, "num_workers": iterator.num_workers,
-          "prefetch_batches": iterator.prefetch_batches, "fed_step_s": fed_s,
-          "fixed_step_s": fixed_s, "fed_images_per_s": batch / fed_s,
-          "fixed_images_per_s": batch / fixed_s, "slowdown": fed_s / fixed_s}
+  fed_s, fixed_s = statistics.median(fed), statistics.median(fixed)
+  return {"batch": batch, "steps_per_block": steps_per_block, "rounds": rounds,
+          "num_workers": iterator.num_workers, "prefetch_batches": iterator.prefetch_batches,
+          "fed_step_s": fed_s, "fixed_step_s": fixed_s, "fed_times_s": fed,
+          "fixed_times_s": fixed, "fed_images_per_s": batch / fed_s,
+          "fixed_images_per_s": batch / fixed_s,
+          "slowdown": statistics.median(a / b for a, b in zip(fed, fixed))}
 
 
 # ------------------------------------------------------------------ run
@@ -351,7 +369,6 @@ def measure_dataset(name: str, config, args, *, record: dict, write) -> dict[str
                           batch_size=step_batch)
   built = build_step(config, next(iterator))
   entry["step"] = measure_step(built, args.steps, budget_s=3.0 if args.quick else 20.0)
-  steps = entry["step"]["steps"]
   entry["step"]["model"] = "runlocal" if args.quick and name == "folder256" else "config"
   print(f"{name}: step batch {step_batch}: {entry['step']['step_s']:.3f} s/step, "
         f"{entry['step']['images_per_s']:.2f} images/s", flush=True)
@@ -367,7 +384,12 @@ def measure_dataset(name: str, config, args, *, record: dict, write) -> dict[str
   entry["break_even_tflop_per_s"] = own["images_per_s"] * gflop_per_image / 1e3
   write()
 
-  entry["fed"] = measure_fed_steps(built, iterator, steps)
+  # Blocks of about 2 s (1 … 10 steps); 3 rounds, or 2 when the steps take minutes.
+  step_s = entry["step"]["step_s"]
+  steps_per_block = int(min(10, max(1, 2.0 // step_s)))
+  rounds = 3 if 2 * 3 * steps_per_block * step_s < 90 else 2
+  entry["fed"] = measure_fed_steps(built, iterator, steps_per_block,
+                                   1 if args.quick else rounds)
   print(f"{name}: loop order with real data: {entry['fed']['fed_step_s']:.3f} s/step vs "
         f"{entry['fed']['fixed_step_s']:.3f} s/step on a fixed batch "
         f"(×{entry['fed']['slowdown']:.2f})", flush=True)
@@ -403,7 +425,7 @@ def markdown(record: dict) -> str:
             "| data set | step batch | phase (GAN on) | GFLOP / step | s / step | step images/s "
             "| pipeline images/s (config workers) | ÷ step | slowest setting ÷ step "
             "| break-even step TFLOP/s | loop with real data s/step | fixed batch s/step "
-            "| slowdown |",
+            "| slowdown (steps × rounds) |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
             "| ---: |"]
   for entry in record["datasets"]:
@@ -412,8 +434,8 @@ def markdown(record: dict) -> str:
     step = entry["step"]
     own = entry["ratio_config_workers"] * step["images_per_s"]
     fed = entry.get("fed")
-    fed_cells = (f"{fed['fed_step_s']:.3f} | {fed['fixed_step_s']:.3f} | ×{fed['slowdown']:.2f}"
-                 if fed else "– | – | –")
+    fed_cells = (f"{fed['fed_step_s']:.3f} | {fed['fixed_step_s']:.3f} | ×{fed['slowdown']:.2f} "
+                 f"({fed['steps_per_block']} × {fed['rounds']})" if fed else "– | – | –")
     lines.append(
         f"| {entry['dataset']}{' (runlocal model)' if step['model'] == 'runlocal' else ''} "
         f"| {step['batch']} | {step['phase_gan_on']} | {step['gflop_per_step']:.1f} "

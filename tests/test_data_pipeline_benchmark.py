@@ -87,10 +87,11 @@ def test_fed_steps_and_the_table(config):
            "compile_s": 0.1, "gflop_per_step": 1.0, "phase": "False", "batch_size": BATCH}
   step_row = data_pipeline.measure_step(built, 2)
   assert step_row["steps"] == 2 and step_row["images_per_s"] > 0
-  fed = data_pipeline.measure_fed_steps(built, iterator, 3)
-  # 1 warm-up + 2 timed, then 3 fed and 3 on the fixed batch.
-  assert int(built["state"]) == 9
-  assert iterator.get_state()["step"] == 1 + 3  # The first batch, then one per fed step.
+  fed = data_pipeline.measure_fed_steps(built, iterator, steps_per_block=2, rounds=2)
+  # 1 warm-up + 2 timed, then 2 rounds of a fed and a fixed block of 2 steps.
+  assert int(built["state"]) == 3 + 2 * 2 * 2
+  assert iterator.get_state()["step"] == 1 + 2 * 2  # The first batch, then one per fed step.
+  assert len(fed["fed_times_s"]) == len(fed["fixed_times_s"]) == 2
   assert fed["fed_step_s"] > 0 and fed["slowdown"] > 0
 
   pipeline_row = data_pipeline.measure_pipeline(
