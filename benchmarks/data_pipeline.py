@@ -157,7 +157,7 @@ def measure_pipeline(iterator: BatchIterator, mesh, *, warmup_batches: int = 3,
       jax.block_until_ready(loop.global_batch(next(iterator), mesh))
     next_s = transfer_s = 0.0
     batches = images = 0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     while batches < max_batches and (batches < min_batches
                                      or time.perf_counter() - start < min_seconds):
       t0 = time.perf_counter()
@@ -176,11 +176,15 @@ def measure_pipeline(iterator: BatchIterator, mesh, *, warmup_batches: int = 3,
       batches += 1
       images += int(image.shape[0])
     seconds = time.perf_counter() - start
+    cpu_s = time.process_time() - cpu_start
   return {"num_workers": iterator.num_workers, "prefetch_batches": iterator.prefetch_batches,
           "batch": expected, "warmup_batches": warmup_batches, "batches": batches,
           "images": images, "seconds": seconds, "images_per_s": images / seconds,
           "next_s_per_batch": next_s / batches, "transfer_s_per_batch": transfer_s / batches,
-          "iterator_images_per_s": images / next_s if next_s > 0 else float("inf")}
+          "iterator_images_per_s": images / next_s if next_s > 0 else float("inf"),
+          # CPU time of the whole process (every thread) per image: what the pipeline
+          # costs whatever else runs on the machine; 1000 / it = images/s per free core.
+          "cpu_ms_per_image": 1e3 * cpu_s / images}
 
 
 # ----------------------------------------------------------------- step
@@ -322,6 +326,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--folder256_step_batch", type=int, default=1,
                       help="batch of the 256 px step (the paper uses 32; 1 keeps it to "
                            "minutes on a CPU)")
+  parser.add_argument("--pipeline_only", action="store_true",
+                      help="time the pipelines only (no step)")
   parser.add_argument("--out", default=None)
   parser.add_argument("--doc", default=None, help=f"markdown to update (default {DOC}; "
                       "'' = none; --quick writes none unless given)")
@@ -409,18 +415,20 @@ def markdown(record: dict) -> str:
            f"≥ {settings['min_seconds']:g} s per pipeline setting).", "",
            "### The pipeline alone (next batch + transfer onto the loop's mesh)", "",
            "| data set | source | image | batch | workers | prefetch | images | s | images/s "
-           "| next ms/batch | transfer ms/batch |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| next ms/batch | transfer ms/batch | CPU ms/image |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for entry in record["datasets"]:
     for row in entry["pipeline"]:
       own = ((row["num_workers"], row["prefetch_batches"]) ==
              (entry["config_workers"]["num_workers"],
               entry["config_workers"]["prefetch_batches"]))
+      cpu = f"{row['cpu_ms_per_image']:.2f}" if "cpu_ms_per_image" in row else "–"
       lines.append(
           f"| {entry['dataset']} | {entry['source']} | {entry['image_size']} | {row['batch']} "
           f"| {row['num_workers']}{' (config)' if own else ''} | {row['prefetch_batches']} "
           f"| {row['images']} | {row['seconds']:.1f} | {row['images_per_s']:.0f} "
-          f"| {1e3 * row['next_s_per_batch']:.1f} | {1e3 * row['transfer_s_per_batch']:.1f} |")
+          f"| {1e3 * row['next_s_per_batch']:.1f} | {1e3 * row['transfer_s_per_batch']:.1f} "
+          f"| {cpu} |")
   lines += ["", "### Against the tokenizer step", "",
             "| data set | step batch | phase (GAN on) | GFLOP / step | s / step | step images/s "
             "| pipeline images/s (config workers) | ÷ step | slowest setting ÷ step "

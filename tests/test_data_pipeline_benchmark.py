@@ -57,7 +57,7 @@ def test_measure_pipeline_counts_what_it_read(config, workers):
   assert row["seconds"] > 0
   assert row["images_per_s"] == pytest.approx(row["images"] / row["seconds"])
   for key in ("images_per_s", "iterator_images_per_s", "next_s_per_batch",
-              "transfer_s_per_batch"):
+              "transfer_s_per_batch", "cpu_ms_per_image"):
     assert row[key] > 0, key
   json.dumps(row)
 
@@ -108,4 +108,5 @@ def test_fed_steps_and_the_table(config):
   text = data_pipeline.markdown(record)
   assert text.startswith(data_pipeline.BEGIN) and text.endswith(data_pipeline.END)
   assert "| folder256 | folder | 32 | 8 | 2 (config) | 1 |" in text
+  assert f"| {pipeline_row['cpu_ms_per_image']:.2f} |" in text
   json.dumps(record)
