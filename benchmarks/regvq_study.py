@@ -504,6 +504,14 @@ def render(results: dict, output_dir: str) -> str:
   parts.append("### 5. Beyond the paper\n\n" + _table(results, ["mask", "kl_tau0.25",
                                                                "entropy0.1", "kl1.0",
                                                                "batch64"]))
+  for name, check in sorted(results.get("verifications", {}).items()):
+    metrics = check["metrics"]
+    differing = [f"{m} ({v['recorded']!r} → {v['rerun']!r})" for m, v in metrics.items()
+                 if not v["identical"]]
+    parts.append(f"**Determinism.** `--verify={name}` re-trained the row from scratch on "
+                 f"{check['date']}: {len(metrics) - len(differing)} of {len(metrics)} "
+                 "recorded metrics identical (bit for bit)"
+                 + (". Differing: " + "; ".join(differing) + "." if differing else "."))
   timing = [(r["name"], sum(s["wall_s"] for s in r["stages"].values()))
             for r in results["rows"].values()]
   if timing:

@@ -36,7 +36,8 @@ def _results(metric_values):
   rows = {}
   for key, values in metric_values.items():
     for seed, value in enumerate(values):
-      rows[f"{key}_s{seed}"] = {"stages": {"tokenizer": {"metrics": {"usage": value},
+      rows[f"{key}_s{seed}"] = {"name": f"{key}_s{seed}",
+                                "stages": {"tokenizer": {"metrics": {"usage": value},
                                                          "wall_s": 60.0}}}
   return {"scale": regvq_study.SCALE, "rows": rows, "environments": []}
 
@@ -84,3 +85,14 @@ def test_the_verdict_table_reads_the_json():
   goal = next(line for line in verdict.splitlines() if "K = 1,024 in use" in line)
   assert "| prior_kl | 97 ± 1 (3 seeds) | yes |" in goal
   assert "| not run | — | unresolved |" in verdict  # K = 16,384 rows absent.
+
+
+def test_a_verification_is_rendered_with_its_differences():
+  results = _results({"vqgan": [0.02]})
+  results["verifications"] = {"vqgan_s0": {"date": "2026-12-01T06:00:00+00:00", "metrics": {
+      "tokenizer/usage": {"recorded": 0.02, "rerun": 0.02, "identical": True},
+      "ar/gfd_vgg": {"recorded": 50.0, "rerun": 50.5, "identical": False}}}}
+  text = regvq_study.render(results, "/nonexistent")
+  line = next(line for line in text.split("\n\n") if line.startswith("**Determinism.**"))
+  assert "`--verify=vqgan_s0`" in line and "1 of 2 recorded metrics identical" in line
+  assert "ar/gfd_vgg (50.0 → 50.5)" in line
