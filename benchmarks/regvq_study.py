@@ -48,6 +48,10 @@ JSON_NAME = "regvq_study.json"
 DOC_NAME = "regvq_study.md"
 BEGIN_MARK = "<!-- BEGIN GENERATED (benchmarks/regvq_study.py --render; edits inside are lost) -->"
 END_MARK = "<!-- END GENERATED -->"
+# The README quotes the verdict table between these markers; `--render` (and every run that
+# writes the doc into the repository's docs/results) keeps that quote current.
+README_BEGIN = "<!-- regvq_study verdict: begin (benchmarks/regvq_study.py --render) -->"
+README_END = "<!-- regvq_study verdict: end -->"
 
 # Everything every row shares. Changing any of it makes the JSON's rows incomparable, so
 # the script refuses to merge into a JSON made with other values.
@@ -528,6 +532,17 @@ def write_doc(results: dict, output_dir: str) -> str:
   common.write_generated_section(
       path, f"{BEGIN_MARK}\n\n{render(results, output_dir)}\n\n{END_MARK}",
       begin=BEGIN_MARK, end=END_MARK, title="The Reg-VQ study")
+  readme = os.path.join(_REPO, "README.md")
+  if os.path.abspath(output_dir) == os.path.join(_REPO, "docs", "results") and (
+      os.path.exists(readme)):
+    with open(readme) as file:
+      has_markers = README_BEGIN in file.read()
+    if has_markers:
+      rows = len(results["rows"])
+      common.write_generated_section(
+          readme, f"{README_BEGIN}\n{_verdict(results)}\n\n_From {rows} of "
+          f"{sum(len(r.seeds) for r in ROWS)} rows of `docs/results/regvq_study.json`._\n"
+          f"{README_END}", begin=README_BEGIN, end=README_END, title="")
   return path
 
 

@@ -96,3 +96,16 @@ def test_a_verification_is_rendered_with_its_differences():
   line = next(line for line in text.split("\n\n") if line.startswith("**Determinism.**"))
   assert "`--verify=vqgan_s0`" in line and "1 of 2 recorded metrics identical" in line
   assert "ar/gfd_vgg (50.0 → 50.5)" in line
+
+
+def test_writing_the_doc_keeps_the_readmes_verdict_quote_current(tmp_path, monkeypatch):
+  monkeypatch.setattr(regvq_study, "_REPO", str(tmp_path))
+  (tmp_path / "docs" / "results").mkdir(parents=True)
+  readme = tmp_path / "README.md"
+  readme.write_text(f"before\n{regvq_study.README_BEGIN}\nstale\n{regvq_study.README_END}\n"
+                    "after\n")
+  results = _results({"vqgan": [0.02, 0.03, 0.04], "prior_kl": [0.96, 0.97, 0.98]})
+  regvq_study.write_doc(results, str(tmp_path / "docs" / "results"))
+  text = readme.read_text()
+  assert "stale" not in text and text.startswith("before\n") and text.endswith("after\n")
+  assert "3 ± 1 (3) → 97 ± 1 (3)" in text and "_From 6 of " in text
