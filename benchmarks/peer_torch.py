@@ -225,6 +225,17 @@ def torch_tokenizer_modules(config):
   return tokenizer, discriminator, lpips
 
 
+def torch_tokenizer_step(config, tokenizer, discriminator, lpips):
+  """The PyTorch peer's training step over those modules, with `config`'s loss and optim."""
+  from benchmarks import peer_torch_models as tm
+  loss, optim = config.tokenizer.loss, config.tokenizer.optim
+  return tm.TokenizerStep(
+      tokenizer, discriminator, lpips, perceptual_weight=loss.perceptual_weight,
+      l1_weight=loss.l1_weight, disc_weight=loss.disc_weight, disc_factor=loss.disc_factor,
+      learning_rate=optim.learning_rate, disc_learning_rate=optim.disc_learning_rate,
+      b1=optim.b1, b2=optim.b2, grad_clip=optim.grad_clip)
+
+
 def torch_tokenizer(config) -> dict:
   import torch
   from torch.utils import flop_counter
@@ -233,14 +244,10 @@ def torch_tokenizer(config) -> dict:
   from benchmarks import peer_torch_models as tm
   torch.manual_seed(0)
   tokenizer, discriminator, lpips = torch_tokenizer_modules(config)
-  loss, optim = config.tokenizer.loss, config.tokenizer.optim
+  optim = config.tokenizer.optim
   if optim.weight_decay or optim.warmup_steps:
     raise ValueError("the PyTorch peer runs plain Adam at a constant rate")
-  step_fn = tm.TokenizerStep(
-      tokenizer, discriminator, lpips, perceptual_weight=loss.perceptual_weight,
-      l1_weight=loss.l1_weight, disc_weight=loss.disc_weight, disc_factor=loss.disc_factor,
-      learning_rate=optim.learning_rate, disc_learning_rate=optim.disc_learning_rate,
-      b1=optim.b1, b2=optim.b2, grad_clip=optim.grad_clip)
+  step_fn = torch_tokenizer_step(config, tokenizer, discriminator, lpips)
   images = torch.from_numpy(_random_images(config)).permute(0, 3, 1, 2).contiguous()
   holder = {}
 

@@ -38,16 +38,9 @@ def layer_calls(config):
   """[(signature, count)] of the torch peer's conv / GroupNorm / linear calls in one step."""
   import torch
   from torch import nn
-
-  from benchmarks import peer_torch_models as tm
   torch.manual_seed(0)
   tokenizer, discriminator, lpips = peer_torch.torch_tokenizer_modules(config)
-  loss, optim = config.tokenizer.loss, config.tokenizer.optim
-  step = tm.TokenizerStep(
-      tokenizer, discriminator, lpips, perceptual_weight=loss.perceptual_weight,
-      l1_weight=loss.l1_weight, disc_weight=loss.disc_weight, disc_factor=loss.disc_factor,
-      learning_rate=optim.learning_rate, disc_learning_rate=optim.disc_learning_rate,
-      b1=optim.b1, b2=optim.b2, grad_clip=optim.grad_clip)
+  step = peer_torch.torch_tokenizer_step(config, tokenizer, discriminator, lpips)
   counts = collections.Counter()
   where = {}
 

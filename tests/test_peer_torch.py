@@ -66,12 +66,7 @@ def test_torch_step_runs_and_updates_both_networks():
   config = peer_torch.size_config("quick")
   torch.manual_seed(0)
   tokenizer, discriminator, lpips = peer_torch.torch_tokenizer_modules(config)
-  loss, optim = config.tokenizer.loss, config.tokenizer.optim
-  step = tm.TokenizerStep(
-      tokenizer, discriminator, lpips, perceptual_weight=loss.perceptual_weight,
-      l1_weight=loss.l1_weight, disc_weight=loss.disc_weight, disc_factor=loss.disc_factor,
-      learning_rate=optim.learning_rate, disc_learning_rate=optim.disc_learning_rate,
-      b1=optim.b1, b2=optim.b2, grad_clip=optim.grad_clip)
+  step = peer_torch.torch_tokenizer_step(config, tokenizer, discriminator, lpips)
   before = [p.detach().clone() for p in (tokenizer.encoder.conv_in.weight,
                                          discriminator.main[0].weight)]
   images = torch.rand(2, 3, 16, 16) * 2 - 1
