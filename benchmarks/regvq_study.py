@@ -476,6 +476,26 @@ def _plots(results, output_dir) -> list[str]:
   return written
 
 
+def _machines(results: dict) -> str:
+  """Which rows ran on which CPU model, with that run's classifier accuracy on real images."""
+  groups: dict[tuple, list[str]] = {}
+  for name, row in sorted(results["rows"].items()):
+    model = row.get("machine", {}).get("cpu_model") or "not recorded"
+    real = row["stages"].get("ar", {}).get("metrics", {}).get("class_accuracy_real")
+    groups.setdefault((model, real), []).append(name)
+  lines = []
+  for (model, real), names in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1] or 0)):
+    classifier = f"classifier {100 * real:.2f} % on t10k" if real is not None else "no prior"
+    lines.append(f"- {model} ({classifier}): {', '.join(names)}")
+  recorded = {row.get("machine", {}).get("date") for row in results["rows"].values()}
+  unrecorded = sorted({env.get("cpu_model", "?") for env in results["environments"]
+                       if env.get("date") not in recorded})
+  if "not recorded" in {m for m, _ in groups}:
+    lines.append("- Rows marked \"not recorded\" predate the per-row record; the JSON's "
+                 "other environments are: " + ", ".join(unrecorded) + ".")
+  return "\n".join(lines)
+
+
 def render(results: dict, output_dir: str) -> str:
   ladder = ["vqgan", "prior_kl", "mask", "cl", "pcl"]
   parts = []
@@ -483,6 +503,8 @@ def render(results: dict, output_dir: str) -> str:
   parts.append(f"Rows in the JSON: {len(results['rows'])} of "
                f"{sum(len(r.seeds) for r in ROWS)}. Machine: {env.get('description', '?')}. "
                f"Scale: `{json.dumps(SCALE)}`.")
+  parts.append("Where the rows ran (floating point, and the Fashion-MNIST classifier retrained "
+               "on each machine, differ between CPU models):\n\n" + _machines(results))
   parts.append("### Verdict: the paper's claims against these rows\n\n" + _verdict(results))
   parts.append("### 1. The ablation ladder (mean ± sample std over seeds; AR prior)\n\n"
                + _table(results, ladder))
@@ -594,6 +616,7 @@ def main(argv=None) -> int:
         new = again["stages"][stage]["metrics"].get(metric)
         report[f"{stage}/{metric}"] = {"recorded": value, "rerun": new,
                                        "identical": new == value}
+    results = load_results(json_path)  # Rows another process added meanwhile stay.
     results.setdefault("verifications", {})[args.verify] = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "all_identical": all(v["identical"] for v in report.values()), "metrics": report}
@@ -607,12 +630,13 @@ def main(argv=None) -> int:
       row.name(seed) for row, seed in plan), flush=True)
   if args.dry_run:
     return 0
-  results["environments"].append(environment())
+  this_machine = environment()
+  results["environments"].append(this_machine)
   failures = []
   for index, (row, seed) in enumerate(plan):
     print(f"[regvq_study] ({index + 1}/{len(plan)}) {row.name(seed)}: {row.label}", flush=True)
     try:
-      results["rows"][row.name(seed)] = train_row(row, seed, args)
+      record = train_row(row, seed, args)
     except Exception:  # pylint: disable=broad-except
       # One broken row must not cost the night's other rows; it stays out of the JSON,
       # so the next run retries it.
@@ -620,6 +644,16 @@ def main(argv=None) -> int:
       print(f"[regvq_study] {row.name(seed)} FAILED; continuing.", flush=True)
       failures.append(row.name(seed))
       continue
+    # Floating point differs between CPU models (and so does the retrained classifier):
+    # each row says where it ran, so the doc can say which rows compare bit for bit.
+    record["machine"] = {k: this_machine.get(k) for k in ("description", "cpu_model", "date")}
+    # Merged into the file as it is now, not as it was at start-up: a row takes ~20
+    # minutes, and another process (--verify, a note added by hand) may have written since.
+    on_disk = load_results(json_path)
+    if this_machine not in on_disk["environments"]:
+      on_disk["environments"].append(this_machine)
+    on_disk["rows"][row.name(seed)] = record
+    results = on_disk
     save_results(results, json_path)
     write_doc(results, args.output_dir)
   write_doc(results, args.output_dir)

@@ -109,3 +109,41 @@ def test_writing_the_doc_keeps_the_readmes_verdict_quote_current(tmp_path, monke
   text = readme.read_text()
   assert "stale" not in text and text.startswith("before\n") and text.endswith("after\n")
   assert "3 ± 1 (3) → 97 ± 1 (3)" in text and "_From 6 of " in text
+
+
+def test_rows_are_grouped_by_the_machine_and_classifier_they_ran_with():
+  results = _results({"vqgan": [0.02, 0.03], "pcl": [0.9]})
+  results["environments"] = [{"cpu_model": "AMD EPYC", "date": "d0"},
+                             {"cpu_model": "Intel Xeon", "date": "d1"}]
+  results["rows"]["vqgan_s1"]["machine"] = {"cpu_model": "Intel Xeon", "date": "d1"}
+  for name, accuracy in (("vqgan_s0", 0.9103), ("vqgan_s1", 0.9087)):
+    results["rows"][name]["stages"]["ar"] = {"metrics": {"class_accuracy_real": accuracy}}
+  lines = regvq_study._machines(results).splitlines()
+  assert "- Intel Xeon (classifier 90.87 % on t10k): vqgan_s1" in lines
+  assert "- not recorded (classifier 91.03 % on t10k): vqgan_s0" in lines
+  assert "- not recorded (no prior): pcl_s0" in lines
+  # The unrecorded rows can only have run on the environments no recorded row claims.
+  assert lines[-1].endswith("other environments are: AMD EPYC.")
+
+
+def test_a_finished_row_is_merged_into_the_json_as_it_is_on_disk_now(tmp_path, monkeypatch):
+  """Rows take ~20 minutes: whatever another process wrote meanwhile survives the save,
+  and the row records the machine it ran on."""
+  import json
+  machine = {"description": "cpu (cpu), host CPU Test", "cpu_model": "Test", "date": "now"}
+  monkeypatch.setattr(regvq_study, "environment", lambda: dict(machine))
+  path = tmp_path / regvq_study.JSON_NAME
+
+  def fake_train_row(row, seed, args):
+    written_meanwhile = _results({"pcl": [0.9]})
+    written_meanwhile["verifications"] = {"pcl_s0": {"date": "d", "metrics": {}}}
+    path.write_text(json.dumps(written_meanwhile))
+    return _results({row.key: [0.03]})["rows"][row.name(seed)]
+
+  monkeypatch.setattr(regvq_study, "train_row", fake_train_row)
+  monkeypatch.setattr(regvq_study, "write_doc", lambda results, output_dir: None)
+  assert regvq_study.main(["--only=vqgan_s0", f"--output_dir={tmp_path}"]) == 0
+  saved = json.loads(path.read_text())
+  assert set(saved["rows"]) == {"pcl_s0", "vqgan_s0"} and "pcl_s0" in saved["verifications"]
+  assert saved["rows"]["vqgan_s0"]["machine"] == machine
+  assert saved["environments"] == [machine]
