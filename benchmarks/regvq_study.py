@@ -513,7 +513,7 @@ def render(results: dict, output_dir: str) -> str:
   parts.append("Diffusion prior on the first and last rungs:\n\n"
                + _table(results, ["vqgan", "pcl"], priors=("diffusion",)))
   parts.append("Which ladder changes exceed the seed spread (|Δ mean| > 2 × pooled sample "
-               "std, 3 seeds each):\n\n" + _differences(
+               "std; rows with at least 2 seeds each, 3 planned):\n\n" + _differences(
                    results, list(zip(ladder, ladder[1:])) + [("vqgan", "pcl")],
                    [("tokenizer", "usage"), ("tokenizer", "psnr"), ("tokenizer", "lpips"),
                     ("tokenizer", "rfd_vgg"), ("ar", "gfd_vgg"), ("ar", "bits_per_token"),
