@@ -84,7 +84,7 @@ def test_the_verdict_table_reads_the_json():
   assert "3 ± 1 (3) → 97 ± 1 (3)" in collapse and collapse.rstrip().endswith("agrees |")
   goal = next(line for line in verdict.splitlines() if "K = 1,024 in use" in line)
   assert "| prior_kl | 97 ± 1 (3 seeds) | yes |" in goal
-  assert "| not run | — | unresolved |" in verdict  # K = 16,384 rows absent.
+  assert "| not run | — | unresolved | — | — |" in verdict  # K = 16,384 rows absent.
 
 
 def test_a_verification_is_rendered_with_its_differences():
@@ -147,3 +147,23 @@ def test_a_finished_row_is_merged_into_the_json_as_it_is_on_disk_now(tmp_path, m
   assert set(saved["rows"]) == {"pcl_s0", "vqgan_s0"} and "pcl_s0" in saved["verifications"]
   assert saved["rows"]["vqgan_s0"]["machine"] == machine
   assert saved["environments"] == [machine]
+
+
+def test_each_usage_knob_is_costed_against_the_mask_rung_with_its_spread():
+  # Mask rung: usage 0.60 ± 0.01 (3 seeds), PSNR 14.0 ± 0.1; knobs with one seed each.
+  results = _results({"mask": [0.59, 0.60, 0.61], "kl1.0": [0.80], "r0.2": [0.605]})
+  for name, psnr in (("mask_s0", 13.9), ("mask_s1", 14.0), ("mask_s2", 14.1),
+                     ("kl1.0_s0", 13.0), ("r0.2_s0", 14.05)):
+    results["rows"][name]["stages"]["tokenizer"]["metrics"]["psnr"] = psnr
+  lines = regvq_study._knob_costs(results).splitlines()
+  assert lines[2].startswith("| + stochastic mask (r = 0.4) (reference) | 3 | 60 ± 1 |")
+  knob = next(line for line in lines if line.startswith("| Reg-VQ, λ_kl = 1 |"))
+  # Δ usage +20 points and Δ PSNR −1.0 dB: both beyond 2 × 1 point and 2 × 0.1 dB.
+  assert "| 80 (+20 †) |" in knob and "| 13 (-1 †) |" in knob
+  small = next(line for line in lines if line.startswith("| r = 0.2 |"))
+  assert "| 60.5 (+0.5) |" in small and "| 14.05 (+0.05) |" in small  # within: no †
+  assert not any(line.startswith("| r = 0.6 |") for line in lines)  # not run: left out
+  goal = next(line for line in regvq_study._verdict(results).splitlines()
+              if "K = 1,024 in use" in line)
+  assert goal.startswith("| ≥ 95 % of K = 1,024 in use (Reg-VQ family) | kl1.0 | 80 (1 seed) |")
+  assert goal.endswith("| no | 13 (-1 †) | — |")  # the best knob's PSNR cost; no prior run
