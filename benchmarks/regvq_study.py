@@ -137,8 +137,12 @@ ROWS = (
     Row("vq_ema_cos", "VQ, EMA codebook, cosine codes", ("baselines",), "vq",
         quantizer=(("use_ema", True), ("normalize", True))),
     # 5. Beyond the paper, towards the usage goal.
+    # τ_kl 0.25 met the usage goal on its first seed: it gets the ladder's three seeds, so
+    # its cost is read against a spread; 0.5 asks whether a milder temperature costs less.
     _regvq("kl_tau0.25", "Reg-VQ + KL on p̄ at τ_kl = 0.25", ("beyond",),
-           extra=(("prior_kl_temperature", 0.25),)),
+           extra=(("prior_kl_temperature", 0.25),), seeds=LADDER_SEEDS),
+    _regvq("kl_tau0.5", "Reg-VQ + KL on p̄ at τ_kl = 0.5", ("beyond",),
+           extra=(("prior_kl_temperature", 0.5),)),
     _regvq("entropy0.1", "Reg-VQ + per-position entropy (0.1)", ("beyond",),
            extra=(("position_entropy_weight", 0.1),)),
     _regvq("kl1.0", "Reg-VQ, λ_kl = 1", ("beyond",), kl=1.0),
@@ -390,7 +394,7 @@ CLAIMS = [
 USAGE_GOALS = [  # (goal, rows that may reach it, threshold on held-out argmax usage)
     ("≥ 95 % of K = 1,024 in use (Reg-VQ family)",
      ["prior_kl", "r0.2", "mask", "r0.6", "r1.0", "r0.4_l1all", "r1.0_l1all", "cl", "pcl",
-      "kl_tau0.25", "entropy0.1", "kl1.0", "batch64"], 0.95),
+      "kl_tau0.25", "kl_tau0.5", "entropy0.1", "kl1.0", "batch64"], 0.95),
     ("≥ 90 % of K = 16,384 in use", ["regvq_k16384", "regfq_k16384"], 0.90),
     ("VQGAN under 10 % of K = 1,024", ["vqgan"], None),
 ]
@@ -453,7 +457,7 @@ def _verdict(results) -> str:
 # differs from it in exactly one setting.
 REFERENCE = "mask"
 KNOBS = ["prior_kl", "r0.2", "r0.6", "r1.0", "r0.4_l1all", "r1.0_l1all", "kl_tau0.25",
-         "entropy0.1", "kl1.0", "batch64"]
+         "kl_tau0.5", "entropy0.1", "kl1.0", "batch64"]
 # (column title, stage, metric, scale, digits)
 COST_COLUMNS = [("usage %", "tokenizer", "usage", 100, 3),
                 ("soft ppl", "tokenizer", "soft_perplexity", 1, 4),
@@ -588,8 +592,8 @@ def render(results: dict, output_dir: str) -> str:
   parts.append("### 4. Baselines\n\n" + _table(results, ["vqgan", "gumbel", "vq_ema_cos",
                                                         "mask"]))
   parts.append("### 5. Beyond the paper\n\n" + _table(results, ["mask", "kl_tau0.25",
-                                                               "entropy0.1", "kl1.0",
-                                                               "batch64"]))
+                                                               "kl_tau0.5", "entropy0.1",
+                                                               "kl1.0", "batch64"]))
   for name, check in sorted(results.get("verifications", {}).items()):
     metrics = check["metrics"]
     differing = [f"{m} ({v['recorded']!r} → {v['rerun']!r})" for m, v in metrics.items()
