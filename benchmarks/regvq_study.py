@@ -358,6 +358,11 @@ def _table(results, keys, *, priors=("ar",), title_col="setting"):
   return "\n".join(lines)
 
 
+def pooled_std(va: list[float], vb: list[float]) -> float:
+  """The pooled sample std of two rows' seeds (equal weights; each row needs ≥ 2 seeds)."""
+  return math.sqrt((np.var(va, ddof=1) + np.var(vb, ddof=1)) / 2)
+
+
 def _differences(results, pairs, metrics):
   """Which rung-to-rung changes exceed the seed spread: |Δmean| > 2·pooled std."""
   lines = ["| change | metric | Δ mean | 2 × pooled std | beyond the spread? |",
@@ -368,7 +373,7 @@ def _differences(results, pairs, metrics):
       if len(va) < 2 or len(vb) < 2:
         continue
       delta = float(np.mean(vb) - np.mean(va))
-      pooled = math.sqrt((np.var(va, ddof=1) + np.var(vb, ddof=1)) / 2)
+      pooled = pooled_std(va, vb)
       lines.append(f"| {ROWS_BY_KEY[a].key} → {ROWS_BY_KEY[b].key} | {stage} {metric} | "
                    f"{delta:+.4g} | {2 * pooled:.3g} | "
                    f"{'yes' if abs(delta) > 2 * pooled else 'no'} |")
@@ -416,7 +421,7 @@ def compare_rows(va: list[float], vb: list[float], direction: str) -> tuple[str,
   if len(va) < 2 or len(vb) < 2:
     return (f"Δ {delta:+.3g}", f"unresolved ({min(len(va), len(vb))} seed: means moved "
             f"{moved})")
-  spread = 2 * math.sqrt((np.var(va, ddof=1) + np.var(vb, ddof=1)) / 2)
+  spread = 2 * pooled_std(va, vb)
   text = f"Δ {delta:+.3g} (2 × pooled std {spread:.2g})"
   if abs(delta) <= spread:
     return text, f"unresolved (within the spread; means moved {moved})"
@@ -480,7 +485,7 @@ def _against_reference(results, key, stage, metric, scale, digits) -> str:
     return _cell(values, digits, scale)
   delta = scale * float(np.mean(values) - np.mean(reference))
   if len(values) >= 2 and len(reference) >= 2:
-    std = math.sqrt((np.var(values, ddof=1) + np.var(reference, ddof=1)) / 2)
+    std = pooled_std(values, reference)
   else:
     std = float(np.std(reference, ddof=1)) if len(reference) >= 2 else math.inf
   beyond = abs(delta) > 2 * scale * std
