@@ -84,7 +84,7 @@ def test_the_verdict_table_reads_the_json():
   assert "3 ± 1 (3) → 97 ± 1 (3)" in collapse and collapse.rstrip().endswith("agrees |")
   goal = next(line for line in verdict.splitlines() if "K = 1,024 in use" in line)
   assert "| prior_kl | 97 ± 1 (3 seeds) | yes |" in goal
-  assert "| not run | — | unresolved | — | — |" in verdict  # K = 16,384 rows absent.
+  assert "| not run | — | unresolved | regvq_k16384 | — | — |" in verdict  # K = 16,384 absent.
 
 
 def test_a_verification_is_rendered_with_its_differences():
@@ -166,4 +166,19 @@ def test_each_usage_knob_is_costed_against_the_mask_rung_with_its_spread():
   goal = next(line for line in regvq_study._verdict(results).splitlines()
               if "K = 1,024 in use" in line)
   assert goal.startswith("| ≥ 95 % of K = 1,024 in use (Reg-VQ family) | kl1.0 | 80 (1 seed) |")
-  assert goal.endswith("| no | 13 (-1 †) | — |")  # the best knob's PSNR cost; no prior run
+  assert goal.endswith("| no | mask | 13 (-1 †) | — |")  # the best knob's PSNR cost; no prior
+
+
+def test_the_k16384_goal_is_costed_against_reg_vq_at_the_same_k():
+  # The best K = 16,384 row is measured against the paper's Reg-VQ at K = 16,384, not
+  # against the K = 1,024 mask rung (whose PSNR 20 would give a Δ of -8).
+  results = _results({"mask": [0.59, 0.60, 0.61], "regvq_k16384": [0.20],
+                      "regvq_k16384_tau0.25": [0.40]})
+  for name, psnr in (("mask_s0", 19.9), ("mask_s1", 20.0), ("mask_s2", 20.1),
+                     ("regvq_k16384_s0", 13.5), ("regvq_k16384_tau0.25_s0", 12.0)):
+    results["rows"][name]["stages"]["tokenizer"]["metrics"]["psnr"] = psnr
+  goal = next(line for line in regvq_study._verdict(results).splitlines()
+              if "K = 16,384 in use" in line)
+  # One seed a side: no spread to judge against, so no †.
+  assert goal == ("| ≥ 90 % of K = 16,384 in use | regvq_k16384_tau0.25 | 40 (1 seed) | no | "
+                  "regvq_k16384 | 12 (-1.5) | — |")
