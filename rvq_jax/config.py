@@ -94,8 +94,9 @@ def tokenizer_config() -> ml_collections.ConfigDict:
       l1_weight=1.0,
       # argmax_match: L1 on the pixels of tokens whose code is the argmax code (method.md)
       # | all: the whole image, decoded from the mixed (sampled) codes. The two match at
-      # r 0.4; at r ≥ 0.8 argmax_match traps flat p_i (no L1 where the sample misses the
-      # argmax): use 'all' there (docs/results/regvq_study.md, r = 1.0: +1.7 dB PSNR).
+      # r 0.4; with heavy masking argmax_match traps flat p_i (no L1 where the sample
+      # misses the argmax): use 'all' there (docs/results/regvq_study.md, measured at
+      # r = 1.0: +1.7 dB PSNR).
       l1_region="argmax_match",
       perceptual_weight=1.0,  # LPIPS (weights.lpips)
       # Reg-VQ's probabilistic contrastive loss on relu1_2 ... relu5_3 of

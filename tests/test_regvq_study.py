@@ -4,6 +4,7 @@ import argparse
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from benchmarks import regvq_study
 
@@ -31,6 +32,11 @@ def test_every_row_builds_a_valid_config_with_its_settings(row):
   assert tokenizer.loss.disc_start > tokenizer.train.num_steps  # GAN off, as documented.
 
 
+def _cells(line: str) -> list[str]:
+  """A Markdown table line's cells, stripped."""
+  return [cell.strip() for cell in line.strip("|").split("|")]
+
+
 def _results(metric_values):
   """A JSON with the ladder's VQGAN and PCL rungs at 3 seeds (usage only)."""
   rows = {}
@@ -49,11 +55,11 @@ def test_tables_are_mean_and_sample_std_of_the_json_and_spread_is_judged():
   assert "| 3 | 3 ± 1 |" in vq_line  # 100 × mean 0.03, sample std 0.01
   assert "not run" in table.splitlines()[-1]  # The mask rung has no rows.
   differences = regvq_study._differences(results, [("vqgan", "pcl")], [("tokenizer", "usage")])
-  cells = [cell.strip() for cell in differences.splitlines()[-1].strip("|").split("|")]
+  cells = _cells(differences.splitlines()[-1])
   assert cells[2] == "+0.89" and cells[4] == "yes"
   close = _results({"vqgan": [0.5, 0.6, 0.7], "pcl": [0.55, 0.65, 0.75]})
-  cells = [cell.strip() for cell in regvq_study._differences(
-      close, [("vqgan", "pcl")], [("tokenizer", "usage")]).splitlines()[-1].strip("|").split("|")]
+  cells = _cells(regvq_study._differences(close, [("vqgan", "pcl")],
+                                          [("tokenizer", "usage")]).splitlines()[-1])
   # Within the unpaired spread; paired by seed, the same +0.05 in every seed is beyond it.
   assert cells[4] == "no" and cells[7] == "yes"
   np.testing.assert_allclose(np.std([0.02, 0.03, 0.04], ddof=1), 0.01)
@@ -66,9 +72,8 @@ def test_pairing_by_seed_removes_a_seed_effect_shared_by_the_rungs():
                       "pcl": [51 + e + n for e, n in zip(seed_effect, [0.1, -0.1, 0.0])]})
   changes = regvq_study.paired_differences(results, "cl", "pcl", "tokenizer", "usage")
   np.testing.assert_allclose(changes, [1.1, 0.9, 1.0])
-  line = regvq_study._differences(results, [("cl", "pcl")],
-                                  [("tokenizer", "usage")]).splitlines()[-1]
-  cells = [cell.strip() for cell in line.strip("|").split("|")]
+  cells = _cells(regvq_study._differences(results, [("cl", "pcl")],
+                                          [("tokenizer", "usage")]).splitlines()[-1])
   assert cells[4] == "no" and cells[5] == "+1.1, +0.9, +1" and cells[7] == "yes"
   assert regvq_study.compare_paired(changes, "lower").endswith(": disagrees")
   assert regvq_study.compare_paired(changes, "higher").endswith(": agrees")
@@ -91,17 +96,19 @@ def test_a_seed_missing_from_either_row_is_left_out_of_the_pairs():
 @pytest.mark.parametrize("seed", range(20))
 def test_both_spread_rules_are_the_t_tests_they_are_documented_as(seed):
   """Against scipy's t-tests: at 3 seeds the unpaired rule is |t| > √6 on 4 degrees of
-  freedom, the paired rule |t| > 2√3 on 2, both two-sided p ≈ 0.07."""
-  stats = pytest.importorskip("scipy.stats")
+  freedom, the paired rule |t| > 2√3 on 2."""
   rng = np.random.default_rng(seed)
   va, vb = rng.normal(0, 1, 3), rng.normal(rng.uniform(-3, 3), 1, 3)
   unpaired = abs(np.mean(vb) - np.mean(va)) > 2 * regvq_study.pooled_std(va, vb)
-  t_unpaired = stats.ttest_ind(vb, va).statistic
-  assert unpaired == (abs(t_unpaired) > np.sqrt(6))
+  assert unpaired == (abs(scipy.stats.ttest_ind(vb, va).statistic) > np.sqrt(6))
   mean, spread = regvq_study.judge_paired(list(vb - va))
-  assert (abs(mean) > spread) == (abs(stats.ttest_rel(vb, va).statistic) > 2 * np.sqrt(3))
-  np.testing.assert_allclose(2 * stats.t.sf(np.sqrt(6), 4), 0.070, atol=5e-4)
-  np.testing.assert_allclose(2 * stats.t.sf(2 * np.sqrt(3), 2), 0.074, atol=5e-4)
+  assert (abs(mean) > spread) == (
+      abs(scipy.stats.ttest_rel(vb, va).statistic) > 2 * np.sqrt(3))
+
+
+def test_both_spread_rules_are_two_sided_tests_at_about_7_percent():
+  np.testing.assert_allclose(2 * scipy.stats.t.sf(np.sqrt(6), 4), 0.070, atol=5e-4)
+  np.testing.assert_allclose(2 * scipy.stats.t.sf(2 * np.sqrt(3), 2), 0.074, atol=5e-4)
 
 
 def test_plan_runs_first_seeds_first_and_skips_rows_in_the_json():
@@ -128,7 +135,7 @@ def test_the_verdict_table_reads_the_json():
   results = _results({"vqgan": [0.02, 0.03, 0.04], "prior_kl": [0.96, 0.97, 0.98]})
   verdict = regvq_study._verdict(results)
   collapse = next(line for line in verdict.splitlines() if line.startswith("| 1. "))
-  cells = [cell.strip() for cell in collapse.strip("|").split("|")]
+  cells = _cells(collapse)
   assert cells[3] == "usage %: 3 ± 1 (3) → 97 ± 1 (3)" and cells[5] == "agrees"
   # Paired by seed, every seed rose by 94 points: no spread at all, the paper's way.
   assert cells[6] == "+94, +94, +94 (2 × std 0): agrees"
