@@ -206,6 +206,29 @@ def test_a_finished_row_is_merged_into_the_json_as_it_is_on_disk_now(tmp_path, m
   assert saved["environments"] == [machine]
 
 
+def test_a_run_whose_rows_all_fail_renders_the_doc_from_the_json_unchanged(tmp_path,
+                                                                           monkeypatch):
+  """A failed row stays out of the JSON, and so does the machine it failed on: the doc
+  written at the end must be the one `--render` gives from the JSON."""
+  import json
+  machine = {"description": "cpu (cpu), host CPU New", "cpu_model": "New", "date": "now"}
+  monkeypatch.setattr(regvq_study, "environment", lambda: dict(machine))
+  path = tmp_path / regvq_study.JSON_NAME
+  before = json.loads(json.dumps(_results({"pcl": [0.9]})))  # Tuples as JSON reads them.
+  path.write_text(json.dumps(before))
+
+  def failing_train_row(row, seed, args):
+    raise RuntimeError("broken row")
+
+  rendered = []
+  monkeypatch.setattr(regvq_study, "train_row", failing_train_row)
+  monkeypatch.setattr(regvq_study, "write_doc",
+                      lambda results, output_dir: rendered.append(json.dumps(results)))
+  assert regvq_study.main(["--only=vqgan_s0", f"--output_dir={tmp_path}"]) == 1
+  assert json.loads(path.read_text()) == before
+  assert rendered and all(json.loads(doc) == before for doc in rendered)
+
+
 def test_each_usage_knob_is_costed_against_the_mask_rung_with_its_spread():
   # Mask rung: usage 0.60 ± 0.01 (3 seeds), PSNR 14.0 ± 0.1; knobs with one seed each.
   results = _results({"mask": [0.59, 0.60, 0.61], "kl1.0": [0.80], "r0.2": [0.605]})

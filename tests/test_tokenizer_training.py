@@ -219,3 +219,54 @@ def test_config_errors_are_reported_before_building_anything():
     config.tokenizer.quantizer.regvq.mask_ratoi = 0.4  # A typo is an error, not a new key.
   with pytest.raises(ValueError, match="unknown config variant"):
     config_lib.parse_arg("tokenizer,regvqq")
+
+
+@pytest.mark.parametrize("use_gan", [False, True], ids=["no_gan", "gan"])
+def test_ema_codebook_updates_inside_the_loops_step(use_gan):
+  """The EMA codebook (cosine codes) writes its own state in the forward pass, inside the
+  step's gradient trace. One jitted step of the loop must carry that state out: the new
+  counts and sums equal a NumPy EMA of the initial model's unit encoder outputs, assigned
+  to their nearest codes by brute force, and the codebook is their smoothed mean, unit
+  length. Both generator paths (one backward pass; the VJP with the GAN's weight) run."""
+  import jax.numpy as jnp
+
+  config = tiny_configs.tiny_config("vq", num_steps=1)
+  decay = 0.9
+  config.tokenizer.quantizer.vq.update(use_ema=True, normalize=True, ema_decay=decay)
+  config.tokenizer.loss.disc_start = 0 if use_gan else 10**9
+  config_lib.validate(config)
+  stage = TokenizerStage(config)
+  prepared = loop.prepare(stage, loop.loop_config_from(config))
+  iterator = stage.train_iterator(0, 1)
+  with jax.set_mesh(prepared.mesh):
+    state = prepared.init_state()
+    model = prepared.merge(state).model
+    quantizer = model.quantizer
+    cluster_size = np.asarray(quantizer.cluster_size[...], np.float64)
+    embed_sum = np.asarray(quantizer.embed_sum[...], np.float64)
+    codes = np.asarray(quantizer.codebook[...], np.float64)
+    batch = next(iterator)
+    z = np.asarray(model.quantizer_input(jnp.asarray(batch["image"])), np.float64)
+    z = z.reshape(-1, z.shape[-1])
+    z /= np.linalg.norm(z, axis=-1, keepdims=True)
+    indices = np.argmin(((z[:, None] - codes[None]) ** 2).sum(-1), axis=-1)
+    assert stage.phase(0) == use_gan
+    new_state, metrics = prepared.train_step(stage.phase(0))(
+        state, prepared.constants(), loop.global_batch(batch, prepared.mesh),
+        jax.random.key(0), jnp.asarray(0, jnp.int32))
+    assert np.isfinite(float(metrics["loss"]))
+    new_quantizer = prepared.merge(new_state).model.quantizer
+  num_codes = codes.shape[0]
+  one_hot = np.eye(num_codes)[indices]
+  want_size = decay * cluster_size + (1 - decay) * one_hot.sum(0)
+  want_sum = decay * embed_sum + (1 - decay) * one_hot.T @ z
+  np.testing.assert_allclose(new_quantizer.cluster_size[...], want_size, rtol=1e-5)
+  np.testing.assert_allclose(new_quantizer.embed_sum[...], want_sum, rtol=1e-4, atol=1e-6)
+  total = want_size.sum()
+  smoothed = (want_size + 1e-5) / (total + num_codes * 1e-5) * total
+  want_codes = want_sum / smoothed[:, None]
+  want_codes /= np.linalg.norm(want_codes, axis=-1, keepdims=True)
+  np.testing.assert_allclose(new_quantizer.codebook[...], want_codes, rtol=1e-4, atol=1e-6)
+  assert not np.allclose(want_codes, codes, atol=1e-3)  # The step moved the codebook.
+  if hasattr(iterator, "close"):
+    iterator.close()

@@ -313,7 +313,9 @@ class TokenizerStage:
     if not use_gan:
       # Without the GAN term: one backward through everything, as before.
       def forward(params):
-        model = nnx.merge(model_graphdef, params, model_rest)
+        # copy=True: fresh Variables at this trace level, so a quantizer that updates
+        # its own state in the forward pass (the EMA codebook) may write to them.
+        model = nnx.merge(model_graphdef, params, model_rest, copy=True)
         reconstructions, quantizer_output = model(images, key=quantizer_key, step=step,
                                                   deterministic=False)
         rec_total, terms = self._reconstruction_losses(model, frozen, images, reconstructions,
@@ -326,7 +328,7 @@ class TokenizerStage:
       return grads, zero, zero, rec_total, terms, stats, reconstructions, new_rest
 
     def generator(params):
-      model = nnx.merge(model_graphdef, params, model_rest)
+      model = nnx.merge(model_graphdef, params, model_rest, copy=True)
       quantizer_output = model.encode(images, key=quantizer_key, step=step,
                                       deterministic=False)
       reconstructions, last_input = model.decode_with_last_input(quantizer_output.quantized)
