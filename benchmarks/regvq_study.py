@@ -665,7 +665,9 @@ def render(results: dict, output_dir: str) -> str:
                + _table(results, ["vqgan", "mask", "fq", "regfq", "vq_k8192", "regvq_k8192",
                                   "fq_k8192", "regfq_k8192", "vq_k16384", "regvq_k16384",
                                   "fq_k16384", "regfq_k16384", "regvq_k16384_tau0.25"],
-                                 priors=()))
+                                 priors=())
+               + "\n\nGeneration at K = 1,024 (AR prior; the larger books train no prior):\n\n"
+               + _table(results, ["vqgan", "mask", "fq", "regfq"]))
   parts.append("### 4. Baselines\n\n" + _table(results, ["vqgan", "gumbel", "vq_ema_cos",
                                                         "mask"]))
   parts.append("### 5. Beyond the paper\n\n" + _table(results, ["mask", "kl_tau0.25",
