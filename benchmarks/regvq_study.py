@@ -437,12 +437,18 @@ CLAIMS = [
 ]
 # (goal, rows that may reach it, threshold on held-out argmax usage, the paper's setting at
 # that K, which the best row's cost is measured against)
+# The goals name Reg-VQ's family (Reg-VQ and Reg-FQ); the "any quantizer" lines say which
+# row of all comes closest, so a goal the family misses is set against what else reaches it.
 USAGE_GOALS = [
     ("≥ 95 % of K = 1,024 in use (Reg-VQ family)",
      ["prior_kl", "r0.2", "mask", "r0.6", "r1.0", "r0.4_l1all", "r1.0_l1all", "cl", "pcl",
-      "kl_tau0.25", "kl_tau0.5", "entropy0.1", "kl1.0", "batch64"], 0.95, "mask"),
-    ("≥ 90 % of K = 16,384 in use", ["regvq_k16384", "regfq_k16384", "regvq_k16384_tau0.25"],
-     0.90, "regvq_k16384"),
+      "kl_tau0.25", "kl_tau0.5", "entropy0.1", "kl1.0", "batch64", "regfq"], 0.95, "mask"),
+    ("≥ 95 % of K = 1,024 in use (any quantizer)",
+     [row.key for row in ROWS if row.num_codes == 1024], 0.95, "mask"),
+    ("≥ 90 % of K = 16,384 in use (Reg-VQ family)",
+     ["regvq_k16384", "regfq_k16384", "regvq_k16384_tau0.25"], 0.90, "regvq_k16384"),
+    ("≥ 90 % of K = 16,384 in use (any quantizer)",
+     [row.key for row in ROWS if row.num_codes == 16384], 0.90, "regvq_k16384"),
     ("VQGAN under 10 % of K = 1,024", ["vqgan"], None, "mask"),
 ]
 

@@ -1,6 +1,7 @@
 """The Reg-VQ study script's bookkeeping (no training): every row builds a valid config,
 and the doc's tables are computed from the JSON alone."""
 import argparse
+import copy
 
 import numpy as np
 import pytest
@@ -257,8 +258,18 @@ def test_the_k16384_goal_is_costed_against_reg_vq_at_the_same_k():
   for name, psnr in (("mask_s0", 19.9), ("mask_s1", 20.0), ("mask_s2", 20.1),
                      ("regvq_k16384_s0", 13.5), ("regvq_k16384_tau0.25_s0", 12.0)):
     results["rows"][name]["stages"]["tokenizer"]["metrics"]["psnr"] = psnr
-  goal = next(line for line in regvq_study._verdict(results).splitlines()
-              if "K = 16,384 in use" in line)
+  lines = regvq_study._verdict(results).splitlines()
+  goal = next(line for line in lines if "K = 16,384 in use (Reg-VQ family)" in line)
   # One seed a side: no spread to judge against, so no †.
-  assert goal == ("| ≥ 90 % of K = 16,384 in use | regvq_k16384_tau0.25 | 40 (1 seed) | no | "
-                  "regvq_k16384 | 12 (-1.5) | — |")
+  assert goal == ("| ≥ 90 % of K = 16,384 in use (Reg-VQ family) | regvq_k16384_tau0.25 | "
+                  "40 (1 seed) | no | regvq_k16384 | 12 (-1.5) | — |")
+  # FQ is not of the family: it tops the "any quantizer" line and leaves the family's alone.
+  results["rows"]["fq_k16384_s0"] = copy.deepcopy(results["rows"]["regvq_k16384_s0"])
+  results["rows"]["fq_k16384_s0"]["name"] = "fq_k16384_s0"
+  results["rows"]["fq_k16384_s0"]["stages"]["tokenizer"]["metrics"].update(usage=0.7,
+                                                                          psnr=15.0)
+  lines = regvq_study._verdict(results).splitlines()
+  assert next(line for line in lines if "(Reg-VQ family)" in line and "16,384" in line) == goal
+  assert next(line for line in lines if "K = 16,384 in use (any quantizer)" in line) == (
+      "| ≥ 90 % of K = 16,384 in use (any quantizer) | fq_k16384 | 70 (1 seed) | no | "
+      "regvq_k16384 | 15 (+1.5) | — |")
